@@ -39,9 +39,13 @@ def extract_anthropic_prompt(prompt_and_response: str, where: str = '') -> str:
 
 
 def split_hh_row(chosen: str, rejected: str, where: str) -> Tuple[str, str, str]:
+    """(prompt, chosen response, rejected response) of an HH row. The prompt is the reference's
+    (through chosen's last Assistant turn); in the few real rows whose dialogues part earlier, it is
+    the shared text through the last Assistant turn they have in common (the reference would cut
+    the rejected dialogue at the wrong place)."""
     prompt = extract_anthropic_prompt(chosen, where)
     if not rejected.startswith(prompt):
-        raise DataError(f"{where}: 'chosen' and 'rejected' dialogues differ before the last {ASSISTANT!r}")
+        prompt = extract_anthropic_prompt(os.path.commonprefix([chosen, rejected]), f'{where} (shared part)')
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 

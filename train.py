@@ -106,6 +106,7 @@ def main(config: DictConfig):
     if config.eval_every % config.batch_size:
         config.eval_every -= config.eval_every % config.batch_size
     print(OmegaConf.to_yaml(config))
+    os.makedirs(config.local_run_dir, exist_ok=True)
     with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
         OmegaConf.save(config, f)
     print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)

@@ -25,11 +25,10 @@ def get_local_dir(prefixes: List[str]) -> str:
 
 
 def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
-    """A new run directory `<local dir>/<user>/<exp_name>_<timestamp>` (the reference's layout)."""
+    """A new run directory's path `<local dir>/<user>/<exp_name>_<timestamp>` (the reference's layout);
+    train.py creates it once the config is resolved."""
     now = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S_%f')
-    path = os.path.join(get_local_dir(local_dirs), getpass.getuser(), f'{exp_name}_{now}')
-    os.makedirs(path, exist_ok=True)
-    return path
+    return os.path.join(get_local_dir(local_dirs), getpass.getuser(), f'{exp_name}_{now}')
 
 
 def rank0_print(*args, **kwargs):
