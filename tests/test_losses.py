@@ -1,0 +1,193 @@
+"""The loss math of trainers.py against naive, loop-based float64 implementations of the papers'
+equations, on values and gradients, plus the invariants (policy == reference -> zero KL, loss log 2)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+import trainers
+from trainers import SequenceStats, _get_batch_logps, _tdpo_get_batch_logps, preference_loss, tdpo_loss
+
+B, T, V = 3, 7, 11
+
+
+def random_batch(seed=0, b=B, t=T, v=V):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    reference_logits = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, v, (b, t), generator=g)
+    labels[0, :3] = -100          # prompt
+    labels[1, :1] = -100
+    labels[1, -2:] = -100         # padding
+    labels[2, :] = -100           # a row with no response tokens (truncated to nothing)
+    labels[2, -1] = 0 if t > 1 else -100
+    labels[2, -1] = -100
+    return logits, reference_logits, labels
+
+
+def naive_stats(logits, reference_logits, labels):
+    """Σ_t over response tokens, position by position with explicit softmax (Eqs. 14, 18)."""
+    out = []
+    for b in range(logits.shape[0]):
+        margin = kl = logp = logits.new_zeros(())
+        for t in range(logits.shape[1] - 1):
+            y = labels[b, t + 1].item()
+            if y == -100:
+                continue
+            p = logits[b, t].exp() / logits[b, t].exp().sum()
+            q = reference_logits[b, t].exp() / reference_logits[b, t].exp().sum()
+            margin = margin + p[y].log() - q[y].log()
+            kl = kl + (q * (q.log() - p.log())).sum()
+            logp = logp + p[y].log()
+        out.append((margin, kl, logp))
+    return [torch.stack(x) for x in zip(*out)]
+
+
+def test_tdpo_batch_logps_matches_naive_values_and_gradients():
+    logits, reference_logits, labels = random_batch()
+    logits.requires_grad_(True)
+    got = _tdpo_get_batch_logps(logits, reference_logits, labels)
+    want = naive_stats(logits, reference_logits, labels)
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        grad_got, = torch.autograd.grad((got[i].double() * weights[:got[i].shape[0]]).sum(), logits, retain_graph=True)
+        grad_want, = torch.autograd.grad((want[i] * weights[:want[i].shape[0]]).sum(), logits, retain_graph=True)
+        torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-6)
+    assert got[0][2] == 0 and got[1][2] == 0, 'a row without response tokens contributes 0'
+
+
+def test_average_log_prob_is_mean_and_empty_row_is_not_nan():
+    logits, reference_logits, labels = random_batch()
+    sums = _tdpo_get_batch_logps(logits, reference_logits, labels)
+    means = _tdpo_get_batch_logps(logits, reference_logits, labels, average_log_prob=True)
+    n_tokens = (labels[:, 1:] != -100).sum(-1)
+    for s, m in zip(sums, means):
+        assert torch.isfinite(m).all()
+        torch.testing.assert_close(m[:2], s[:2] / n_tokens[:2])
+    torch.testing.assert_close(_get_batch_logps(logits, labels, average_log_prob=True), means[2])
+
+
+def test_underflowing_reference_probability_gives_no_nan():
+    """The reference's softmax().log() gives log 0 = -inf and 0 * -inf = NaN here; log_softmax does not."""
+    logits = torch.zeros(1, 3, 5, dtype=torch.float32)
+    reference_logits = torch.tensor([[[0, -200, 0, 0, 0.]] * 3])
+    labels = torch.tensor([[-100, 1, 2]])
+    stats = _tdpo_get_batch_logps(logits, reference_logits, labels)
+    assert all(torch.isfinite(s).all() for s in stats)
+    naive_kl = (reference_logits.softmax(-1) * (reference_logits.softmax(-1).log() - logits.log_softmax(-1))).sum(-1)
+    assert torch.isnan(naive_kl).any(), 'the hazard this test guards against no longer reproduces'
+
+
+def test_get_batch_logps_matches_naive():
+    logits, reference_logits, labels = random_batch(seed=1)
+    torch.testing.assert_close(_get_batch_logps(logits, labels).double(),
+                               naive_stats(logits, reference_logits, labels)[2], rtol=1e-5, atol=1e-5)
+
+
+def naive_tdpo(cm, rm, ckl, rkl, beta, alpha, tdpo2):
+    """Eq. 18 (TDPO1) and Eq. 20 (TDPO2) for one pair, with plain math."""
+    delta = (rkl - ckl) * (alpha if tdpo2 else 1.0)
+    z = beta * ((cm - rm) - delta)
+    return -math.log(1 / (1 + math.exp(-z)))
+
+
+@pytest.mark.parametrize('tdpo2', [True, False])
+def test_tdpo_loss_values_and_gradients(tdpo2):
+    g = torch.Generator().manual_seed(2)
+    cm, rm, ckl, rkl = (torch.randn(5, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(4))
+    with torch.no_grad():
+        ckl.abs_(), rkl.abs_()
+    beta, alpha = 0.3, 0.7
+    losses, chosen_rewards, rejected_rewards = tdpo_loss(cm, rm, ckl, rkl, beta=beta, alpha=alpha, if_tdpo2=tdpo2)
+    for i in range(5):
+        want = naive_tdpo(cm[i].item(), rm[i].item(), ckl[i].item(), rkl[i].item(), beta, alpha, tdpo2)
+        assert losses[i].item() == pytest.approx(want, rel=1e-9)
+    torch.testing.assert_close(chosen_rewards, beta * (cm + ckl).detach())
+    torch.testing.assert_close(rejected_rewards, beta * (rm + rkl).detach())
+    assert not chosen_rewards.requires_grad
+    losses.sum().backward()
+    # d/dz -log σ(z) = -σ(-z); z = β(cm - rm - w·(rkl - ckl)), w = α (TDPO2) or 1 (TDPO1)
+    w = alpha if tdpo2 else 1.0
+    z = beta * ((cm - rm) - w * (rkl - ckl)).detach()
+    s = -torch.sigmoid(-z)
+    torch.testing.assert_close(cm.grad, s * beta)
+    torch.testing.assert_close(rm.grad, -s * beta)
+    torch.testing.assert_close(rkl.grad, -s * beta * w)
+    if tdpo2:  # stop-gradient on SeqKL(y_w): no gradient reaches it
+        assert ckl.grad is None or not ckl.grad.any()
+    else:
+        torch.testing.assert_close(ckl.grad, s * beta)
+
+
+def naive_dpo(pc, pr, rc, rr, beta, smoothing=0.0, ipo=False, reference_free=False):
+    h = (pc - pr) - (0 if reference_free else (rc - rr))
+    if ipo:
+        return (h - 1 / (2 * beta)) ** 2
+    log_sig = lambda x: -math.log1p(math.exp(-x))
+    return -(1 - smoothing) * log_sig(beta * h) - smoothing * log_sig(-beta * h)
+
+
+@pytest.mark.parametrize('kwargs', [{}, {'label_smoothing': 0.2}, {'ipo': True}, {'reference_free': True}])
+def test_preference_loss_values_and_gradients(kwargs):
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(4, generator=g, dtype=torch.float64) * 5 for _ in range(4))
+    pc.requires_grad_(True), pr.requires_grad_(True)
+    beta = 0.2
+    losses, cr, rjr = preference_loss(pc, pr, rc, rr, beta=beta, **kwargs)
+    naive = [naive_dpo(pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item(), beta,
+                       kwargs.get('label_smoothing', 0.0), kwargs.get('ipo', False),
+                       kwargs.get('reference_free', False)) for i in range(4)]
+    torch.testing.assert_close(losses.detach(), torch.tensor(naive, dtype=torch.float64))
+    torch.testing.assert_close(cr, beta * (pc - rc).detach())
+    # gradient against finite differences of the naive formula
+    losses.sum().backward()
+    eps = 1e-6
+    for i in range(4):
+        bumped = naive_dpo(pc[i].item() + eps, pr[i].item(), rc[i].item(), rr[i].item(), beta,
+                           kwargs.get('label_smoothing', 0.0), kwargs.get('ipo', False), kwargs.get('reference_free', False))
+        assert pc.grad[i].item() == pytest.approx((bumped - naive[i]) / eps, rel=1e-4, abs=1e-6)
+        assert pr.grad[i].item() == pytest.approx(-pc.grad[i].item(), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize('loss', [
+    {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': True},
+    {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': False},
+    {'name': 'dpo', 'beta': 0.1, 'label_smoothing': 0, 'reference_free': False},
+    {'name': 'ipo', 'beta': 0.1}])
+def test_policy_equal_to_reference_gives_zero_kl_and_log2(loss):
+    logits, _, labels = random_batch(seed=4, b=4)
+    stats = SequenceStats(*_tdpo_get_batch_logps(logits, logits.clone(), labels))
+    assert torch.all(stats.position_kl.abs() < 1e-12) and torch.all(stats.logps_margin.abs() < 1e-12)
+    half = lambda s: SequenceStats(*(x[:2] for x in s))
+    other = lambda s: SequenceStats(*(x[2:] for x in s))
+    losses, cr, rr = trainers.build_preference_loss(OmegaConf.create(loss))(half(stats), other(stats))
+    expected = (1 / (2 * 0.1)) ** 2 if loss['name'] == 'ipo' else math.log(2)
+    torch.testing.assert_close(losses, torch.full_like(losses, expected))
+    torch.testing.assert_close(cr, torch.zeros_like(cr))
+
+
+def test_build_preference_loss_routes_stats_to_the_right_formula():
+    g = torch.Generator().manual_seed(5)
+    w, l = (SequenceStats(*(torch.randn(3, generator=g) for _ in range(3))) for _ in range(2))
+    tdpo = trainers.build_preference_loss(OmegaConf.create({'name': 'tdpo', 'beta': 0.2, 'alpha': 0.3, 'if_tdpo2': True}))
+    torch.testing.assert_close(tdpo(w, l)[0], tdpo_loss(w.logps_margin, l.logps_margin, w.position_kl, l.position_kl, 0.2, 0.3, True)[0])
+    dpo = trainers.build_preference_loss(OmegaConf.create({'name': 'dpo', 'beta': 0.2, 'label_smoothing': 0.1, 'reference_free': False}))
+    ref_w, ref_l = w.logps - w.logps_margin, l.logps - l.logps_margin
+    torch.testing.assert_close(dpo(w, l)[0], preference_loss(w.logps, l.logps, ref_w, ref_l, 0.2, 0.1)[0])
+    with pytest.raises(ValueError, match='valid'):
+        trainers.build_preference_loss(OmegaConf.create({'name': 'nope', 'beta': 1}))
+
+
+def test_concatenated_inputs_pads_and_stacks():
+    batch = {'chosen_input_ids': torch.tensor([[1, 2, 3]]), 'chosen_attention_mask': torch.tensor([[1, 1, 1]]),
+             'chosen_labels': torch.tensor([[-100, 2, 3]]),
+             'rejected_input_ids': torch.tensor([[1, 4, 5, 6, 7]]), 'rejected_attention_mask': torch.ones(1, 5, dtype=torch.long),
+             'rejected_labels': torch.tensor([[-100, 4, 5, 6, 7]])}
+    out = trainers.concatenated_inputs(batch)
+    assert out['concatenated_input_ids'].tolist() == [[1, 2, 3, 0, 0], [1, 4, 5, 6, 7]]
+    assert out['concatenated_attention_mask'].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert out['concatenated_labels'].tolist() == [[-100, 2, 3, -100, -100], [-100, 4, 5, 6, 7]]
