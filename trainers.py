@@ -178,9 +178,11 @@ class BasicTrainer:
         data = dict(tokenizer=self.tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
                     sft_mode=self.is_sft, cache_dir=cache_dir, eval_fraction=config.eval_fraction, silent=rank != 0)
         self.train_examples = preference_datasets.load_examples(config.datasets, split='train', **data)
-        eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test', **data)
-        random.Random(seed).shuffle(eval_examples)
-        self.eval_examples = eval_examples[:config.n_eval_examples]
+        self.eval_examples = []
+        if config.n_eval_examples:
+            eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test', **data)
+            random.Random(seed).shuffle(eval_examples)
+            self.eval_examples = eval_examples[:config.n_eval_examples]
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
@@ -360,7 +362,8 @@ class BasicTrainer:
                         disable=self.rank != 0, dynamic_ncols=True)
         batch_metrics = defaultdict(list)
         for batch in self.train_batches():
-            if self.example_counter % c.eval_every == 0 and (self.example_counter > 0 or c.do_first_eval):
+            if (self.eval_examples and self.example_counter % c.eval_every == 0
+                    and (self.example_counter > 0 or c.do_first_eval)):
                 eval_metrics = self.evaluate()
                 last_eval = self.example_counter
                 if self.example_counter > 0 and not c.debug:
@@ -396,5 +399,5 @@ class BasicTrainer:
                 self.log(mean_metrics, 'train')
                 batch_metrics, last_log = defaultdict(list), time.time()
         progress.close()
-        if c.n_eval_examples and last_eval != self.example_counter:
+        if self.eval_examples and last_eval != self.example_counter:
             self.evaluate()
