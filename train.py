@@ -27,9 +27,20 @@ class ConfigError(ValueError):
     """A bad configuration; the message names the key."""
 
 
+def missing_keys(config: DictConfig, prefix: str = '') -> list:
+    """Dotted names of every `???` key, without resolving interpolations (which would fail on them)."""
+    keys = []
+    for key in config.keys():  # mappings only; no list in our configs is mandatory
+        if OmegaConf.is_missing(config, key):
+            keys.append(prefix + str(key))
+        elif OmegaConf.is_dict(config._get_node(key)):
+            keys += missing_keys(config[key], f'{prefix}{key}.')
+    return keys
+
+
 def check_config(config: DictConfig, world_size: int = 1):
     """Fail before any model is loaded, naming every missing key or the key that is wrong."""
-    missing = sorted(OmegaConf.missing_keys(config))
+    missing = missing_keys(config)
     if missing:
         raise ConfigError('missing required config keys (set them on the command line, e.g. exp_name=my_run): '
                           + ', '.join(missing))

@@ -303,6 +303,13 @@ class BasicTrainer:
         with open(self.metrics_path, 'a') as f:
             f.write(json.dumps({'split': split, 'step': self.example_counter, **metrics}) + '\n')
 
+    def _log_train(self, batch_metrics: Dict[str, List[float]]):
+        """Means over the updates since the last log, with the counters."""
+        mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
+        mean_metrics['counters/examples'] = self.example_counter
+        mean_metrics['counters/updates'] = self.batch_counter
+        self.log(mean_metrics, 'train')
+
     def evaluate(self) -> Dict[str, float]:
         utils.rank0_print(f'running evaluation after {self.example_counter} train examples')
         self.policy.eval()
@@ -393,11 +400,10 @@ class BasicTrainer:
                 postfix['acc'] = np.mean(batch_metrics['rewards_train/accuracies'])
             progress.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
             if last_log is None or time.time() - last_log > c.minimum_log_interval_secs:
-                mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
-                mean_metrics['counters/examples'] = self.example_counter
-                mean_metrics['counters/updates'] = self.batch_counter
-                self.log(mean_metrics, 'train')
+                self._log_train(batch_metrics)
                 batch_metrics, last_log = defaultdict(list), time.time()
         progress.close()
+        if batch_metrics:  # updates since the last (rate-limited) log
+            self._log_train(batch_metrics)
         if self.eval_examples and last_eval != self.example_counter:
             self.evaluate()
