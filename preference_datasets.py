@@ -152,7 +152,10 @@ def read_json_rows(path: str) -> Iterator[Tuple[str, dict]]:
     opener = gzip.open if path.endswith('.gz') else open
     with opener(path, 'rt', encoding='utf-8') as f:
         if path.endswith('.json'):
-            rows = json.load(f)
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f'{path}:{e.lineno}: malformed JSON ({e.msg})') from e
             if not isinstance(rows, list):
                 raise DataError(f'{path}: a .json data file must hold a list of objects')
             yield from ((f'{path}: item {i}', r) for i, r in enumerate(rows))
@@ -171,6 +174,8 @@ def _render_response(prompt_text: str, prompt_messages, response, tokenizer, whe
     (the part after the rendered prompt, without the end-of-turn token, which is appended later)."""
     if isinstance(response, str):
         return response
+    if prompt_messages is None or not isinstance(response, list):
+        raise DataError(f"{where}: 'chosen'/'rejected' must be strings, or chat-message lists when 'prompt' is one")
     full = tokenizer.apply_chat_template(prompt_messages + list(response), tokenize=False)
     if not full.startswith(prompt_text):
         raise DataError(f'{where}: the chat template renders the prompt differently with the response appended')
@@ -209,14 +214,17 @@ def _is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
 
 
 def get_local(path: str, split: str, tokenizer, eval_fraction: float) -> Dict:
-    data = {}
+    data, modes = {}, {}
     for where, row in read_json_rows(path):
         prompt, chosen, rejected, mode = parse_local_row(row, where, tokenizer)
         if (split == 'test') == _is_eval_prompt(prompt, eval_fraction):
             data.setdefault(prompt, []).append((prompt, chosen, rejected))
+            modes.setdefault(prompt, mode)
     if not data:
         raise DataError(f'{path}: no {split} pairs (eval_fraction={eval_fraction})')
-    grouped = _group((r for rows in data.values() for r in rows), mode)
+    grouped = _group((r for rows in data.values() for r in rows), 'keep_start')
+    for prompt, entry in grouped.items():  # a file may mix HH dialogues (keep_end) and explicit rows
+        entry['truncation_mode'] = modes[prompt]
     return grouped
 
 
@@ -357,8 +365,10 @@ def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, 
             rng.shuffle(order)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            if n_examples is not None:
+            if n_examples is not None and len(chunk) > n_examples - yielded:
                 chunk = chunk[:n_examples - yielded]
+                if drop_last or not chunk:
+                    return  # the n_examples limit leaves no full batch (later epochs would not either)
             if not chunk or (drop_last and len(chunk) < batch_size):
                 break
             yield collate([examples[i] for i in chunk], pad_token_id)
