@@ -1,0 +1,423 @@
+"""demo/: the offline controlled-sentiment demo/experiment behind `make demo`, in the spirit of the TDPO
+paper's IMDb experiment (Zeng et al., ICML 2024, Sec. 5): make a small pretrained model (SmolLM2-135M-
+Instruct, `model=smollm2-135m`) write more positive movie reviews, with a sentiment classifier (VADER,
+offline) as the reward, and measure the reward gained against the KL paid.
+
+Subcommands (run from the repo root; `bash demo/run_demo.sh` runs them all around train.py):
+  build     prompts asking for short movie reviews -> two sampled reviews each -> VADER-labelled
+            preference pairs in the project's explicit local format (one JSON object per line with
+            `prompt` (chat messages), `chosen`, `rejected`), plus a held-out test file of disjoint prompts.
+  evaluate  sample reviews for held-out prompts from a policy and a reference (same seed), score their
+            mean VADER reward, and estimate KL(pi_theta || pi_ref) on the policy's samples.
+  report    the before/after table of a demo run and its summary JSON.
+"""
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+SYSTEM = 'You are a film critic.'
+TITLES = ['Starfall Harbor', 'The Glass Orchard', 'Midnight at Pell Station', 'Copper Fields', 'The Last Lighthouse',
+          'Echoes of Varn', 'Paper Kingdoms', 'The Silent Tide', 'Neon Pilgrims', 'A House Called Winter',
+          'The Clockmaker\'s Daughter', 'Red Desert Run', 'Blue Hour', 'The Ninth Door', 'Salt and Thunder',
+          'Ghosts of Kettle Hill', 'Iron Lullaby', 'The Quiet Engine', 'Summer of the Fox', 'Hollow Crown Road',
+          'The Marigold Heist', 'Under Ash Skies', 'Small Gods of Brook Lane', 'The Velvet Signal',
+          'Northbound', 'Seven Lanterns', 'The Orbit Diaries', 'Wolves of Carrow', 'A Map of Rain',
+          'The Borrowed Year', 'Falling Upward', 'Citadel of Moths', 'The Long Weekend', 'Static Hearts',
+          'River of Kings', 'The Tin Astronaut', 'Lost in Amberly', 'Night Train to Oslo', 'The Honest Thief',
+          'Bright Young Monsters', 'The Cartographer', 'Dust and Diamonds', 'Harvest Moon Motel',
+          'The Ember Protocol', 'Letters from Juniper', 'Signal Lost', 'The Winter Carnival', 'Goldfinch Avenue']
+GENRES = ['sci-fi drama', 'romantic comedy', 'horror film', 'crime thriller', 'family animation', 'war epic',
+          'musical', 'western', 'fantasy adventure', 'documentary', 'heist comedy', 'psychological thriller']
+PHRASINGS = ['Write a short review of the movie "{title}", a {genre}.',
+             'Review the {genre} "{title}" in two or three sentences.',
+             'What did you think of "{title}"? It is a {genre}. Give a brief review.',
+             'Give your short critic\'s take on "{title}", a new {genre}.',
+             'In a few sentences, review "{title}" ({genre}).',
+             'Write a brief movie review of "{title}", a {genre} that just came out.']
+
+
+# --------------------------------------------------------------------------------------------------
+# Models, prompts, rewards
+# --------------------------------------------------------------------------------------------------
+
+def set_threads():
+    """DEMO_THREADS=N pins torch's CPU threads (1 is much faster than 2 when other jobs share 2 cores)."""
+    if os.environ.get('DEMO_THREADS'):
+        torch.set_num_threads(int(os.environ['DEMO_THREADS']))
+
+
+def model_config(name: str):
+    """config/model/<name>.yaml, composed and resolved as train.py does."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    import utils
+    OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
+    OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
+    with initialize_config_dir(version_base=None, config_dir=os.path.join(ROOT, 'config')):
+        config = compose('config', overrides=[f'model={name}', 'exp_name=demo'])
+    return config.model, utils.get_local_dir(list(config.local_dirs))
+
+
+def load_config_model(name: str):
+    """(model, tokenizer) of a config/model/<name>.yaml through utils, as train.py builds the policy."""
+    import utils
+    mc, cache_dir = model_config(name)
+    tokenizer = utils.load_tokenizer(mc, cache_dir)
+    model = utils.load_model(mc, 'float32', cache_dir)
+    model.eval()
+    return model, tokenizer
+
+
+def load_trained(path: str):
+    """(model, tokenizer) from an HF directory, or a train.py run directory (its `hf/` export)."""
+    import transformers
+    import utils
+    if not os.path.exists(os.path.join(path, 'config.json')) and os.path.exists(os.path.join(path, 'hf', 'config.json')):
+        path = os.path.join(path, 'hf')
+    if not os.path.exists(os.path.join(path, 'config.json')):
+        raise SystemExit(f'{path}: neither a Hugging Face model directory nor a run directory with hf/')
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    utils.disable_dropout(model)
+    model.eval()
+    return model, tokenizer
+
+
+def load_any(spec: str):
+    """`model:<config name>` (e.g. model:smollm2-135m, the untrained model) or a directory (see load_trained)."""
+    return load_config_model(spec[len('model:'):]) if spec.startswith('model:') else load_trained(spec)
+
+
+def candidate_prompts(seed: int) -> List[List[Dict[str, str]]]:
+    """Every title x genre x phrasing as chat messages, in a seeded order."""
+    combos = list(itertools.product(TITLES, GENRES, PHRASINGS))
+    random.Random(seed).shuffle(combos)
+    return [[{'role': 'system', 'content': SYSTEM},
+             {'role': 'user', 'content': phrasing.format(title=title, genre=genre)}] for title, genre, phrasing in combos]
+
+
+def render(tokenizer, messages) -> str:
+    """The prompt string exactly as preference_datasets renders a chat-message `prompt`."""
+    if isinstance(messages, str):
+        return messages
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+
+
+def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
+    """preference_datasets' held-out rule for local files (stable md5 bucket of the rendered prompt).
+    The demo's train prompts are all outside this slice and its test prompts all inside, so train.py keeps
+    every train pair for training and every test pair for evaluation."""
+    try:
+        from preference_datasets import _is_eval_prompt
+        return _is_eval_prompt(prompt, eval_fraction)
+    except ImportError:
+        bucket = int.from_bytes(hashlib.md5(prompt.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
+        return bucket < eval_fraction
+
+
+_ANALYZER = None
+
+
+def reward(text: str) -> float:
+    """VADER compound sentiment in [-1, 1]: the demo's reward (more positive = better)."""
+    global _ANALYZER
+    if _ANALYZER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _ANALYZER = SentimentIntensityAnalyzer()
+    return _ANALYZER.polarity_scores(text)['compound']
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling and log-probabilities
+# --------------------------------------------------------------------------------------------------
+
+def cut_after_eos(ids: Sequence[int], eos_id: int) -> List[int]:
+    """Generated ids up to and including the first EOS (the rest is padding)."""
+    ids = list(ids)
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: List[str], max_new_tokens: int, seed: int, batch_size: int,
+           temperature: float = 1.0, desc: str = 'sampling') -> Tuple[List[List[int]], List[List[int]]]:
+    """(prompt ids, response ids) per prompt: pure ancestral samples (top_k=0, top_p=1), so that they are
+    draws from the model itself; each response ends at its first EOS or after max_new_tokens."""
+    tokenizer.padding_side = 'left'
+    torch.manual_seed(seed)
+    prompt_ids, response_ids = [], []
+    start = time.time()
+    for b in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[b:b + batch_size], return_tensors='pt', padding=True, add_special_tokens=False)
+        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row, mask in zip(enc['input_ids'], enc['attention_mask']):
+            prompt_ids.append(row[mask.bool()].tolist())
+        response_ids += [cut_after_eos(r, tokenizer.eos_token_id) for r in out[:, enc['input_ids'].shape[1]:].tolist()]
+        print(f'  {desc}: {len(response_ids)}/{len(prompts)} ({time.time() - start:.0f} s)', flush=True)
+    return prompt_ids, response_ids
+
+
+def _right_padded(prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int):
+    """(input ids, attention mask, response mask) right-padded: positions count from 0 in every row, as
+    in generation, and response_mask[i, t] marks the response tokens."""
+    length = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, :len(p) + len(r)] = 1
+        response[i, len(p):len(p) + len(r)] = True
+    return ids, attention, response
+
+
+@torch.no_grad()
+def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int,
+                 batch_size: int = 16) -> Dict[str, List[float]]:
+    """Per sample y ~ pi_theta (teacher-forced, prompt masked, stopping at EOS):
+      log_ratio = sum_t log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)   (its mean over samples is the
+                  Monte-Carlo estimate of the sequence KL(pi_theta || pi_ref))
+      seq_kl    = sum_t KL(pi_theta(.|x, y_<t) || pi_ref(.|x, y_<t)) over the vocabulary (same expectation,
+                  lower variance)
+      policy_logp, reference_logp = sum_t log pi(y_t | x, y_<t)."""
+    out = {'log_ratio': [], 'seq_kl': [], 'policy_logp': [], 'reference_logp': []}
+    for b in range(0, len(prompt_ids), batch_size):
+        ids, attention, response = _right_padded(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size], pad_id)
+        targets, mask = ids[:, 1:], response[:, 1:].float()  # logits at t predict token t+1
+        logps = {}
+        for name, model in (('policy', policy), ('reference', reference)):
+            logps[name] = model(ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+        token = {k: v.gather(-1, targets.unsqueeze(-1)).squeeze(-1) for k, v in logps.items()}
+        position_kl = (logps['policy'].exp() * (logps['policy'] - logps['reference'])).sum(-1)
+        out['log_ratio'] += ((token['policy'] - token['reference']) * mask).sum(-1).tolist()
+        out['seq_kl'] += (position_kl * mask).sum(-1).tolist()
+        out['policy_logp'] += (token['policy'] * mask).sum(-1).tolist()
+        out['reference_logp'] += (token['reference'] * mask).sum(-1).tolist()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------------------------------
+
+def test_path(out: str) -> str:
+    base = out[:-len('.jsonl')] if out.endswith('.jsonl') else out
+    return base + '_test.jsonl'
+
+
+def build(args):
+    set_threads()
+    test_out = args.test_out or test_path(args.out)
+    meta_path = args.out + '.meta.json'
+    meta = {k: v for k, v in vars(args).items() if k not in ('func', 'command')}
+    meta['test_out'] = test_out
+    meta['format_version'] = 1
+    if os.path.exists(args.out) and os.path.exists(test_out) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old.get('args') == meta:
+            print(f'build: {args.out} and {test_out} exist, built with the same arguments; skipping '
+                  f'({old["n_train_pairs"]} train / {old["n_test_pairs"]} test pairs)')
+            return
+    start = time.time()
+    model, tokenizer = load_config_model(args.model)
+    # Train prompts outside train.py's held-out slice of a local file, test prompts inside it (see is_eval_prompt).
+    train_msgs, test_msgs = [], []
+    for msgs in candidate_prompts(args.seed):
+        target = test_msgs if is_eval_prompt(render(tokenizer, msgs), args.eval_fraction) else train_msgs
+        if len(target) < (args.n_test_prompts if target is test_msgs else args.n_prompts):
+            target.append(msgs)
+        if len(train_msgs) == args.n_prompts and len(test_msgs) == args.n_test_prompts:
+            break
+    if len(train_msgs) < args.n_prompts or len(test_msgs) < args.n_test_prompts:
+        raise SystemExit(f'only {len(train_msgs)} train / {len(test_msgs)} test prompts available')
+    stats = {}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for split, msgs_list, path in (('train', train_msgs, args.out), ('test', test_msgs, test_out)):
+        prompts = [render(tokenizer, m) for m in msgs_list]
+        # two samples per prompt: both copies of a prompt sit in one batch, a different draw each
+        doubled = [p for p in prompts for _ in range(2)]
+        _, responses = sample(model, tokenizer, doubled, args.max_new_tokens, args.seed + (split == 'test'),
+                              args.batch_size, args.temperature, desc=f'{split} samples')
+        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+        rows, n_ties, scores = [], 0, []
+        for i, msgs in enumerate(msgs_list):
+            a, b = texts[2 * i], texts[2 * i + 1]
+            ra, rb = reward(a), reward(b)
+            scores += [ra, rb]
+            if abs(ra - rb) < args.min_gap or not a or not b:
+                n_ties += 1
+                continue
+            (chosen, rc), (rejected, rr) = sorted([(a, ra), (b, rb)], key=lambda x: -x[1])
+            rows.append({'prompt': msgs, 'chosen': chosen, 'rejected': rejected,
+                         'chosen_reward': rc, 'rejected_reward': rr})
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in rows)
+        os.replace(path + '.tmp', path)
+        stats[split] = dict(prompts=len(msgs_list), pairs=len(rows), skipped_near_ties=n_ties,
+                            mean_sample_reward=sum(scores) / len(scores),
+                            mean_chosen_reward=sum(r['chosen_reward'] for r in rows) / max(1, len(rows)),
+                            mean_rejected_reward=sum(r['rejected_reward'] for r in rows) / max(1, len(rows)))
+        print(f'build: {path}: {stats[split]}', flush=True)
+    seconds = time.time() - start
+    with open(meta_path, 'w') as f:
+        json.dump({'args': meta, 'n_train_pairs': stats['train']['pairs'], 'n_test_pairs': stats['test']['pairs'],
+                   'stats': stats, 'build_seconds': seconds}, f, indent=1)
+    print(f'build: done in {seconds:.0f} s')
+
+
+def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
+    """Distinct rendered prompts of a local pairs file, in file order."""
+    prompts = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                p = render(tokenizer, json.loads(line)['prompt'])
+                if p not in prompts:
+                    prompts.append(p)
+    return prompts[:n] if n else prompts
+
+
+def evaluate(args):
+    set_threads()
+    start = time.time()
+    policy, tokenizer = load_any(args.policy)
+    reference, ref_tokenizer = load_any(args.reference)
+    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SystemExit('policy and reference tokenizers differ')
+    prompts = read_prompts(args.prompts, tokenizer, args.n)
+    result = {'policy': args.policy, 'reference': args.reference, 'prompts_file': args.prompts,
+              'n_prompts': len(prompts), 'max_new_tokens': args.max_new_tokens, 'seed': args.seed}
+    samples = {}
+    for name, model in (('policy', policy), ('reference', reference)):
+        prompt_ids, response_ids = sample(model, tokenizer, prompts, args.max_new_tokens, args.seed,
+                                          args.batch_size, desc=f'{name} samples')
+        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
+        rewards = [reward(t) for t in texts]
+        samples[name] = (prompt_ids, response_ids, texts, rewards)
+        result[f'{name}_mean_reward'] = sum(rewards) / len(rewards)
+        result[f'{name}_positive_share'] = sum(r > 0.05 for r in rewards) / len(rewards)
+        result[f'{name}_mean_response_tokens'] = sum(map(len, response_ids)) / len(response_ids)
+    prompt_ids, response_ids = samples['policy'][:2]
+    kl = kl_estimates(policy, reference, prompt_ids, response_ids, tokenizer.pad_token_id, args.batch_size)
+    n = len(prompt_ids)
+    result['kl_policy_samples'] = sum(kl['log_ratio']) / n          # MC estimate of KL(pi_theta || pi_ref)
+    result['seq_kl_policy_samples'] = sum(kl['seq_kl']) / n         # sum_t KL(pi_theta || pi_ref) per position
+    result['examples'] = [{'prompt': prompts[i].split('<|im_start|>user\n')[-1].split('<|im_end|>')[0],
+                           'policy': samples['policy'][2][i], 'policy_reward': samples['policy'][3][i],
+                           'reference': samples['reference'][2][i], 'reference_reward': samples['reference'][3][i]}
+                          for i in range(min(args.n_examples, n))]
+    result['seconds'] = time.time() - start
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
+
+
+def last_eval(run_dir: str) -> Dict:
+    """The last `eval` line of a run's metrics.jsonl ({} if none)."""
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    rows = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+    evals = [r for r in rows if r.get('split') == 'eval']
+    return evals[-1] if evals else {}
+
+
+def report(args):
+    with open(args.eval) as f:
+        ev = json.load(f)
+    timings = json.loads(args.timings) if args.timings else {}
+    meta = json.load(open(args.data + '.meta.json')) if args.data and os.path.exists(args.data + '.meta.json') else {}
+    tdpo_eval = last_eval(args.tdpo_run)
+    sft_eval = last_eval(args.sft_run) if args.sft_run else {}
+    f3 = lambda x: '   n/a' if x is None else f'{x:+.3f}'
+    rows = [
+        ('mean VADER reward of samples (held-out prompts)', ev['reference_mean_reward'], ev['policy_mean_reward']),
+        ('share of positive samples (compound > 0.05)', ev['reference_positive_share'], ev['policy_positive_share']),
+        ('KL(policy || reference), MC on policy samples [nats]', 0.0, ev['kl_policy_samples']),
+        ('SeqKL(policy || reference) on policy samples [nats]', 0.0, ev['seq_kl_policy_samples']),
+        ('mean response length [tokens]', ev['reference_mean_response_tokens'], ev['policy_mean_response_tokens']),
+    ]
+    n = ev['n_prompts']
+    print('=' * 86)
+    print(f'Controlled sentiment, SmolLM2-135M-Instruct: reference = SFT model, policy = TDPO2 ({n} held-out prompts)')
+    print('-' * 86)
+    print(f'{"":56s}{"before (SFT)":>14s}{"after (TDPO2)":>16s}')
+    for name, before, after in rows:
+        print(f'{name:56s}{f3(before):>14s}{f3(after):>16s}')
+    acc = tdpo_eval.get('rewards_eval/accuracies')
+    print('-' * 86)
+    if tdpo_eval:
+        print(f'held-out preference pairs ({tdpo_eval.get("step")} train examples seen): '
+              f'TDPO2 implicit-reward accuracy {acc:.3f}, loss {tdpo_eval.get("loss/eval"):.4f}, '
+              f'SeqKL(ref||policy) chosen {tdpo_eval.get("kl_eval/chosen"):.4f} / rejected {tdpo_eval.get("kl_eval/rejected"):.4f}')
+    if timings:
+        print('stage timings [s]: ' + ', '.join(f'{k} {v:.0f}' for k, v in timings.items()))
+    print('=' * 86)
+    summary = {'eval': {k: v for k, v in ev.items() if k != 'examples'}, 'examples': ev.get('examples', [])[:4],
+               'tdpo_heldout_eval': tdpo_eval, 'sft_heldout_eval': sft_eval, 'data': meta,
+               'sft_run': args.sft_run, 'tdpo_run': args.tdpo_run, 'timings_s': timings,
+               'reward_gain': ev['policy_mean_reward'] - ev['reference_mean_reward']}
+    with open(args.out, 'w') as f:
+        json.dump(summary, f, indent=1)
+    print(f'summary written to {args.out}')
+    for e in ev.get('examples', [])[:3]:
+        print(f'\nprompt: {e["prompt"]}\n  SFT   ({e["reference_reward"]:+.2f}): {e["reference"]!r}'
+              f'\n  TDPO2 ({e["policy_reward"]:+.2f}): {e["policy"]!r}')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    b = sub.add_parser('build', help='sample and VADER-label preference pairs (cached)')
+    b.add_argument('--out', default='.cache/demo/sentiment_pairs.jsonl')
+    b.add_argument('--test-out', default=None, help='held-out pairs (default: <out>_test.jsonl)')
+    b.add_argument('--n-prompts', type=int, default=128, help='train prompts (each gives at most one pair)')
+    b.add_argument('--n-test-prompts', type=int, default=32, help='held-out prompts, disjoint from the train ones')
+    b.add_argument('--max-new-tokens', type=int, default=48)
+    b.add_argument('--temperature', type=float, default=1.0)
+    b.add_argument('--min-gap', type=float, default=0.2, help='skip pairs whose rewards differ by less')
+    b.add_argument('--batch-size', type=int, default=64)
+    b.add_argument('--seed', type=int, default=0)
+    b.add_argument('--model', default='smollm2-135m', help='config/model/<name>.yaml')
+    b.add_argument('--eval-fraction', type=float, default=0.05, help='must equal train.py eval_fraction')
+    b.set_defaults(func=build)
+    e = sub.add_parser('evaluate', help='reward and KL of policy samples vs reference samples')
+    e.add_argument('--policy', required=True, help='run dir, HF dir, or model:<config name>')
+    e.add_argument('--reference', required=True, help='run dir, HF dir, or model:<config name>')
+    e.add_argument('--prompts', required=True, help='a pairs file; its distinct prompts are used')
+    e.add_argument('--n', type=int, default=None, help='at most this many prompts')
+    e.add_argument('--max-new-tokens', type=int, default=48)
+    e.add_argument('--batch-size', type=int, default=64)
+    e.add_argument('--seed', type=int, default=1234)
+    e.add_argument('--n-examples', type=int, default=8, help='sample texts kept in the JSON')
+    e.add_argument('--out', required=True)
+    e.set_defaults(func=evaluate)
+    r = sub.add_parser('report', help='print the before/after table, write the summary JSON')
+    r.add_argument('--eval', required=True)
+    r.add_argument('--tdpo-run', required=True)
+    r.add_argument('--sft-run', default=None)
+    r.add_argument('--data', default=None, help='the train pairs file (for its .meta.json)')
+    r.add_argument('--timings', default=None, help='JSON object of stage -> seconds')
+    r.add_argument('--out', default='.cache/demo/summary.json')
+    r.set_defaults(func=report)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == '__main__':
+    main()
