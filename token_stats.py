@@ -87,7 +87,7 @@ def _run(fn, *args):
 
 def _gather_targets(logits: Tensor, rows: Tensor, targets: Tensor) -> Tensor:
     """logits (R, V), rows, targets (N,) -> logits[rows, targets] as float32 (N,)."""
-    return logits.reshape(-1)[rows * logits.shape[1] + targets].float()
+    return logits[rows, targets].float()
 
 
 def _sequence_sums(batch: int, seq: Tensor, *per_row: Tensor) -> Tuple[Tensor, ...]:
