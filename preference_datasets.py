@@ -79,13 +79,19 @@ def _load_hub(path: str, name: str, cache_dir: Optional[str], **kwargs):
             f"'rejected' dialogues; or 'prompt'/'chosen'/'rejected'). See README 'Data'.") from e
 
 
-def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None) -> Dict:
+def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, on_bad_example: str = 'error') -> Dict:
     rows = _load_hub('Anthropic/hh-rlhf', 'hh', cache_dir, split=split)
-    return _group((split_hh_row(r['chosen'], r['rejected'], f'hh {split} row {i}')
-                   for i, r in enumerate(tqdm(rows, desc='Processing HH', disable=silent))), 'keep_end')
+    parsed, bad = [], BadRows(f'hh {split}', on_bad_example)
+    for i, r in enumerate(tqdm(rows, desc='Processing HH', disable=silent)):
+        try:
+            parsed.append(split_hh_row(r['chosen'], r['rejected'], f'hh {split} row {i}'))
+        except DataError as e:
+            bad.handle(e)
+    bad.report()
+    return _group(parsed, 'keep_end')
 
 
-def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None) -> Dict:
+def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, on_bad_example: str = 'error') -> Dict:
     """Stanford Human Preferences; pairs whose score ratio is below 2 are dropped, as in the reference."""
     rows = _load_hub('stanfordnlp/SHP', 'shp', cache_dir, split=split)
     data = defaultdict(lambda: {'responses': [], 'pairs': [], 'scores': [], 'truncation_mode': 'keep_start'})
@@ -120,7 +126,7 @@ def strip_html_tags(html: str) -> str:
     return '\n\n'.join(text)
 
 
-def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None) -> Dict:
+def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, on_bad_example: str = 'error') -> Dict:
     """Stack Exchange preferences: a seeded 1% of the train split is the test split, as in the reference."""
     rows = _load_hub('HuggingFaceH4/stack-exchange-preferences', 'se', cache_dir)['train'].shuffle(seed=42)
     n_test = int(len(rows) * 0.01)
@@ -145,8 +151,9 @@ def is_local_file(name: str) -> bool:
     return name.endswith(LOCAL_SUFFIXES)
 
 
-def read_json_rows(path: str) -> Iterator[Tuple[str, dict]]:
-    """(location 'file:line', row) for each object of a .jsonl, .jsonl.gz or .json (a list) file."""
+def read_json_rows(path: str) -> Iterator[Tuple[str, object]]:
+    """(location 'file:line', row) for each object of a .jsonl, .jsonl.gz or .json (a list) file; a
+    malformed line comes as a DataError in place of the row, for the caller to raise or skip."""
     if not os.path.isfile(path):
         raise DataError(f'{path}: no such data file')
     opener = gzip.open if path.endswith('.gz') else open
@@ -164,9 +171,10 @@ def read_json_rows(path: str) -> Iterator[Tuple[str, dict]]:
             if not line.strip():
                 continue
             try:
-                yield f'{path}:{line_no}', json.loads(line)
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f'{path}:{line_no}: malformed JSON ({e.msg})') from e
+                row = DataError(f'{path}:{line_no}: malformed JSON ({e.msg})')
+            yield f'{path}:{line_no}', row
 
 
 def _render_response(prompt_text: str, prompt_messages, response, tokenizer, where: str) -> str:
@@ -186,6 +194,8 @@ def _render_response(prompt_text: str, prompt_messages, response, tokenizer, whe
 def parse_local_row(row, where: str, tokenizer) -> Tuple[str, str, str, str]:
     """One local row -> (prompt, chosen, rejected, truncation_mode). HH format ('chosen'/'rejected'
     dialogues) or explicit ('prompt'/'chosen'/'rejected' strings, or chat-message lists)."""
+    if isinstance(row, DataError):
+        raise row
     if not isinstance(row, dict):
         raise DataError(f'{where}: expected a JSON object, got {type(row).__name__}')
     for key in ('chosen', 'rejected'):
@@ -203,6 +213,9 @@ def parse_local_row(row, where: str, tokenizer) -> Tuple[str, str, str, str]:
         messages = list(prompt)
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     chosen, rejected = (_render_response(prompt, messages, row[k], tokenizer, where) for k in ('chosen', 'rejected'))
+    for name, text in (('prompt', prompt), ('chosen', chosen), ('rejected', rejected)):
+        if not text.strip():
+            raise DataError(f'{where}: empty {name}')
     return prompt, chosen, rejected, 'keep_start'
 
 
@@ -213,13 +226,35 @@ def _is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     return bucket < eval_fraction
 
 
-def get_local(path: str, split: str, tokenizer, eval_fraction: float) -> Dict:
-    data, modes = {}, {}
+class BadRows:
+    """on_bad_example: 'error' raises the first bad row's DataError; 'skip' counts and reports them."""
+
+    def __init__(self, source: str, on_bad_example: str = 'error'):
+        self.source, self.skip, self.errors = source, on_bad_example == 'skip', []
+
+    def handle(self, error: DataError):
+        if not self.skip:
+            raise error
+        self.errors.append(str(error))
+
+    def report(self):
+        if self.errors:
+            print(f'skipped {len(self.errors)} bad rows of {self.source} (on_bad_example=skip); '
+                  f'first: {self.errors[0]}', flush=True)
+
+
+def get_local(path: str, split: str, tokenizer, eval_fraction: float, on_bad_example: str = 'error') -> Dict:
+    data, modes, bad = {}, {}, BadRows(path, on_bad_example)
     for where, row in read_json_rows(path):
-        prompt, chosen, rejected, mode = parse_local_row(row, where, tokenizer)
+        try:
+            prompt, chosen, rejected, mode = parse_local_row(row, where, tokenizer)
+        except DataError as e:
+            bad.handle(e)
+            continue
         if (split == 'test') == _is_eval_prompt(prompt, eval_fraction):
             data.setdefault(prompt, []).append((prompt, chosen, rejected))
             modes.setdefault(prompt, mode)
+    bad.report()
     if not data:
         raise DataError(f'{path}: no {split} pairs (eval_fraction={eval_fraction})')
     grouped = _group((r for rows in data.values() for r in rows), 'keep_start')
@@ -229,14 +264,14 @@ def get_local(path: str, split: str, tokenizer, eval_fraction: float) -> Dict:
 
 
 def get_dataset(name: str, split: str, tokenizer=None, silent: bool = False, cache_dir: Optional[str] = None,
-                eval_fraction: float = 0.05) -> Dict:
+                eval_fraction: float = 0.05, on_bad_example: str = 'error') -> Dict:
     if is_local_file(name):
-        return get_local(name, split, tokenizer, eval_fraction)
+        return get_local(name, split, tokenizer, eval_fraction, on_bad_example)
     loaders = {'hh': get_hh, 'shp': get_shp, 'se': get_se}
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}: valid names are {', '.join(HUB_DATASETS)}, or a local "
                         f"file ending in {', '.join(LOCAL_SUFFIXES)} (no such file: {os.path.abspath(name)})")
-    return loaders[name](split, silent=silent, cache_dir=cache_dir)
+    return loaders[name](split, silent=silent, cache_dir=cache_dir, on_bad_example=on_bad_example)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +328,7 @@ def tokenize_dataset(data: Dict, tokenizer, max_length: int, max_prompt_length: 
     return examples
 
 
-def _cache_key(names, split, tokenizer, max_length, max_prompt_length, sft_mode, eval_fraction) -> str:
+def _cache_key(names, split, tokenizer, max_length, max_prompt_length, sft_mode, eval_fraction, on_bad_example) -> str:
     sources = []
     for name in names:
         if is_local_file(name) and os.path.isfile(name):
@@ -302,20 +337,22 @@ def _cache_key(names, split, tokenizer, max_length, max_prompt_length, sft_mode,
         else:
             sources.append(name)
     key = json.dumps([TOKENIZATION_VERSION, sources, split, tokenizer.name_or_path, len(tokenizer),
-                      tokenizer.eos_token_id, max_length, max_prompt_length, sft_mode, eval_fraction])
+                      tokenizer.eos_token_id, max_length, max_prompt_length, sft_mode, eval_fraction, on_bad_example])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def load_examples(names: List[str], tokenizer, split: str, max_length: int, max_prompt_length: int,
-                  sft_mode: bool, cache_dir: str, eval_fraction: float = 0.05, silent: bool = False) -> List[Example]:
+                  sft_mode: bool, cache_dir: str, eval_fraction: float = 0.05, silent: bool = False,
+                  on_bad_example: str = 'error') -> List[Example]:
     """Tokenized examples of every named data set, from the on-disk cache when it has them."""
-    path = os.path.join(cache_dir, 'tokenized',
-                        _cache_key(names, split, tokenizer, max_length, max_prompt_length, sft_mode, eval_fraction) + '.pt')
+    key = _cache_key(names, split, tokenizer, max_length, max_prompt_length, sft_mode, eval_fraction, on_bad_example)
+    path = os.path.join(cache_dir, 'tokenized', key + '.pt')
     if os.path.exists(path):
         return torch.load(path, weights_only=False)
     examples = []
     for name in names:
-        data = get_dataset(name, split, tokenizer, silent=silent, cache_dir=cache_dir, eval_fraction=eval_fraction)
+        data = get_dataset(name, split, tokenizer, silent=silent, cache_dir=cache_dir, eval_fraction=eval_fraction,
+                           on_bad_example=on_bad_example)
         examples += tokenize_dataset(data, tokenizer, max_length, max_prompt_length, sft_mode, silent)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(examples, f'{path}.tmp{os.getpid()}')
@@ -350,19 +387,19 @@ def collate(examples: List[Example], pad_token_id: int) -> Dict:
 
 def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, shuffle: bool = True, seed: int = 0,
                    n_epochs: Optional[int] = None, n_examples: Optional[int] = None,
-                   drop_last: bool = True) -> Iterator[Dict]:
-    """Collated batches over `examples`, reshuffled each epoch with a seeded generator, until n_epochs
-    epochs or n_examples examples (whichever comes first). Training drops a last partial batch, so
-    every update sees batch_size examples."""
+                   drop_last: bool = True, skip_batches: int = 0) -> Iterator[Dict]:
+    """Collated batches over `examples` until n_epochs epochs or n_examples examples (whichever comes
+    first). Each epoch's order depends only on (seed, epoch), so a resumed run continues the same
+    sequence after `skip_batches` batches. Training drops a last partial batch, so every update sees
+    batch_size examples."""
     assert n_epochs is not None or n_examples is not None, 'need n_epochs or n_examples'
     if drop_last and len(examples) < batch_size:
         raise DataError(f'only {len(examples)} examples, fewer than one batch of {batch_size}')
-    rng = random.Random(seed)
-    yielded, epoch = 0, 0
+    yielded, epoch, index = 0, 0, 0
     while n_epochs is None or epoch < n_epochs:
         order = list(range(len(examples)))
         if shuffle:
-            rng.shuffle(order)
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             if n_examples is not None and len(chunk) > n_examples - yielded:
@@ -371,7 +408,9 @@ def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, 
                     return  # the n_examples limit leaves no full batch (later epochs would not either)
             if not chunk or (drop_last and len(chunk) < batch_size):
                 break
-            yield collate([examples[i] for i in chunk], pad_token_id)
+            if index >= skip_batches:
+                yield collate([examples[i] for i in chunk], pad_token_id)
+            index += 1
             yielded += len(chunk)
             if n_examples is not None and yielded >= n_examples:
                 return

@@ -6,7 +6,9 @@ policy and reference models, and hands them to the trainer class named by `train
 import json
 import os
 import socket
+import subprocess
 import sys
+from typing import Optional
 
 import hydra
 import torch
@@ -21,6 +23,7 @@ OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
 
 TRAINERS = {'BasicTrainer': trainers.BasicTrainer}
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 
 
 class ConfigError(ValueError):
@@ -57,8 +60,15 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'loss.beta must be positive, got {config.loss.beta}')
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError('set n_epochs or n_examples (both are null)')
-    if config.eval_every < config.batch_size:
-        raise ConfigError(f'eval_every={config.eval_every} is smaller than batch_size={config.batch_size}')
+    for key in ('eval_every', 'checkpoint_every'):
+        if config[key] is not None and config[key] < config.batch_size:
+            raise ConfigError(f'{key}={config[key]} is smaller than batch_size={config.batch_size}')
+    if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
+        raise ConfigError(f'keep_checkpoints must be null or >= 1, got {config.keep_checkpoints}')
+    if config.max_nonfinite_updates < 1:
+        raise ConfigError(f'max_nonfinite_updates must be >= 1, got {config.max_nonfinite_updates}')
+    if config.on_bad_example not in ('error', 'skip'):
+        raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
 
 
 def build_models(config: DictConfig, device_map=None):
@@ -80,7 +90,9 @@ def build_models(config: DictConfig, device_map=None):
     return policy, reference_model
 
 
-def init_wandb(config: DictConfig):
+def init_wandb(config: DictConfig, run_id: Optional[str] = None):
+    """wandb as the reference uses it; offline when there are no credentials or no network; a resumed
+    run continues its wandb run."""
     import wandb
     mode = 'disabled' if config.debug or not config.wandb.enabled else utils.wandb_mode()
     if mode == 'offline':
@@ -88,22 +100,68 @@ def init_wandb(config: DictConfig):
               '(upload later with `wandb sync`)', flush=True)
     if mode != 'disabled':
         wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
-                   config=OmegaConf.to_container(config), dir=config.local_run_dir)
+                   config=OmegaConf.to_container(config), dir=config.local_run_dir, id=run_id,
+                   resume='allow' if run_id else None)
 
 
-def worker_main(rank: int, world_size: int, config: DictConfig, policy, reference_model=None):
+def resume_checkpoint(config: DictConfig) -> Optional[str]:
+    """The checkpoint to continue from, with config.local_run_dir set to its run directory; None for a
+    new run. Call before the config is resolved."""
+    if config.resume_from:
+        checkpoint = os.path.abspath(config.resume_from)
+        if not os.path.exists(os.path.join(checkpoint, utils.CHECKPOINT_STATE)):
+            raise ConfigError(f'resume_from={config.resume_from}: not a complete checkpoint directory '
+                              f'(no {utils.CHECKPOINT_STATE})')
+        config.local_run_dir = os.path.dirname(checkpoint)
+        return checkpoint
+    if not config.resume:
+        return None
+    if OmegaConf.is_interpolation(config, 'local_run_dir'):
+        run_dir = utils.newest_run_dir(config.exp_name, config.local_dirs)
+        if run_dir is None:
+            print(f'resume=true: no checkpoint of {config.exp_name} yet; starting a new run', flush=True)
+            return None
+        config.local_run_dir = run_dir
+    checkpoint = utils.latest_checkpoint(config.local_run_dir)
+    if checkpoint is None:
+        print(f'resume=true: no checkpoint in {config.local_run_dir} yet; starting from the beginning', flush=True)
+    return checkpoint
+
+
+def requeue_slurm_job():
+    """Under Slurm, put this job back in the queue; with resume=true it continues where it stopped."""
+    job_id = os.environ.get('SLURM_JOB_ID')
+    if job_id:
+        print(f'requeueing Slurm job {job_id}', flush=True)
+        subprocess.run(['scontrol', 'requeue', job_id], check=False)
+
+
+def worker_main(rank: int, world_size: int, config: DictConfig, policy, reference_model=None,
+                resume_from: Optional[str] = None):
+    run_id = torch.load(os.path.join(resume_from, utils.CHECKPOINT_STATE), weights_only=False)['wandb_id'] \
+        if resume_from else None
     if rank == 0:
-        init_wandb(config)
+        init_wandb(config, run_id)
     trainer = TRAINERS[config.trainer](policy, config, config.seed, config.local_run_dir,
                                       reference_model=reference_model, rank=rank, world_size=world_size)
-    trainer.train()
+    if resume_from:
+        trainer.load_training_state(resume_from)
+    elif rank == 0 and os.path.exists(trainer.metrics_path):
+        os.remove(trainer.metrics_path)  # a new start in a reused run directory
+    try:
+        trainer.train()
+    except trainers.Preempted as e:
+        print(e, flush=True)
+        if rank == 0:
+            requeue_slurm_job()
+        sys.exit(PREEMPTED_EXIT_CODE)
+    finally:
+        import wandb
+        if rank == 0 and wandb.run is not None:
+            wandb.finish()
     if not config.debug:
         trainer.save()
         trainer.export_hf()
-    if rank == 0:
-        import wandb
-        if wandb.run is not None:
-            wandb.finish()
     print(f'run directory: {config.local_run_dir}', flush=True)
 
 
@@ -111,11 +169,13 @@ def worker_main(rank: int, world_size: int, config: DictConfig, policy, referenc
 def main(config: DictConfig):
     try:
         check_config(config)
+        resume_from = resume_checkpoint(config)
     except ConfigError as e:
         sys.exit(f'config error: {e}')
     OmegaConf.resolve(config)
-    if config.eval_every % config.batch_size:
-        config.eval_every -= config.eval_every % config.batch_size
+    for key in ('eval_every', 'checkpoint_every'):  # whole batches
+        if config[key] and config[key] % config.batch_size:
+            config[key] -= config[key] % config.batch_size
     print(OmegaConf.to_yaml(config))
     os.makedirs(config.local_run_dir, exist_ok=True)
     with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
@@ -124,9 +184,11 @@ def main(config: DictConfig):
     device_map = 'balanced' if torch.cuda.device_count() > 1 else None
     policy, reference_model = build_models(config, device_map=device_map)
     try:
-        worker_main(0, 1, config, policy, reference_model)
+        worker_main(0, 1, config, policy, reference_model, resume_from)
     except preference_datasets.DataError as e:
         sys.exit(f'data error: {e}')
+    except trainers.NonFiniteError as e:
+        sys.exit(f'training stopped: {e}')
 
 
 if __name__ == '__main__':

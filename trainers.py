@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -160,6 +161,14 @@ def concatenated_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 # Trainers
 # ----------------------------------------------------------------------------------------------
 
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun with resume=true."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite updates; the last good state was checkpointed."""
+
+
 class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
@@ -176,7 +185,8 @@ class BasicTrainer:
         cache_dir = utils.get_local_dir(config.local_dirs)
         self.tokenizer = utils.load_tokenizer(config.model, cache_dir)
         data = dict(tokenizer=self.tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                    sft_mode=self.is_sft, cache_dir=cache_dir, eval_fraction=config.eval_fraction, silent=rank != 0)
+                    sft_mode=self.is_sft, cache_dir=cache_dir, eval_fraction=config.eval_fraction, silent=rank != 0,
+                    on_bad_example=config.on_bad_example)
         self.train_examples = preference_datasets.load_examples(config.datasets, split='train', **data)
         self.eval_examples = []
         if config.n_eval_examples:
@@ -193,6 +203,10 @@ class BasicTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
+        self.last_eval = self.last_checkpoint = None
+        self.nonfinite_updates = self.nonfinite_streak = 0  # skipped updates: total, and in a row
+        self.pending_metrics = defaultdict(list)  # training metrics not yet logged
+        self.stop_signal = None
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
 
     # ---- hooks ---------------------------------------------------------------------------------
@@ -224,17 +238,54 @@ class BasicTrainer:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """Write policy.pt, optimizer.pt and scheduler.pt in the reference's format to output_dir
-        (default `<run_dir>/LATEST`); each file appears only once fully written."""
+        """Write a checkpoint directory (default `<run_dir>/LATEST`): policy.pt, optimizer.pt and
+        scheduler.pt in the reference's format, and training_state.pt for resuming. The directory
+        appears only once complete."""
+        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
+        files = {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
+                 'scheduler.pt': self.scheduler.state_dict()}
         if self.rank != 0:
             return
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        os.makedirs(output_dir, exist_ok=True)
-        for name, state in (('policy.pt', self.policy_state_dict()), ('optimizer.pt', self.optimizer.state_dict()),
-                            ('scheduler.pt', self.scheduler.state_dict())):
-            path = os.path.join(output_dir, name)
-            torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}}, path + '.tmp')
-            os.replace(path + '.tmp', path)
+        with utils.atomic_directory(output_dir) as tmp:
+            for name, state in files.items():
+                torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}},
+                           os.path.join(tmp, name))
+            torch.save(self.training_state(), os.path.join(tmp, utils.CHECKPOINT_STATE))
+        utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+
+    def load_training_state(self, checkpoint_dir: str):
+        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
+        data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
+        load = lambda name: torch.load(os.path.join(checkpoint_dir, name), map_location='cpu', weights_only=False)
+        self.policy.load_state_dict(load('policy.pt')['state'])
+        self.optimizer.load_state_dict(load('optimizer.pt')['state'])
+        self.scheduler.load_state_dict(load('scheduler.pt')['state'])
+        state = load(utils.CHECKPOINT_STATE)
+        for key in ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak'):
+            setattr(self, key, state[key])
+        utils.set_rng_state(state['rng'])
+        if self.rank == 0 and os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                kept = [line for line in f if json.loads(line)['step'] <= self.example_counter]
+            with open(self.metrics_path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(self.metrics_path + '.tmp', self.metrics_path)
+        utils.rank0_print(f'resumed from {checkpoint_dir} after {self.example_counter} examples')
+
+    def training_state(self) -> Dict:
+        import wandb
+        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
+                'last_eval': self.last_eval, 'nonfinite_updates': self.nonfinite_updates,
+                'nonfinite_streak': self.nonfinite_streak, 'rng': utils.rng_state(),
+                'wandb_id': wandb.run.id if wandb.run is not None else None}
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` is true on any rank, so that all ranks take the same branch."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
         """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
@@ -308,6 +359,7 @@ class BasicTrainer:
         mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
         mean_metrics['counters/examples'] = self.example_counter
         mean_metrics['counters/updates'] = self.batch_counter
+        mean_metrics['counters/nonfinite_updates'] = self.nonfinite_updates
         self.log(mean_metrics, 'train')
 
     def evaluate(self) -> Dict[str, float]:
@@ -330,6 +382,7 @@ class BasicTrainer:
                     samples.append({'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
                                     'reference': reference_samples[j] if reference_samples else None})
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
         self.log(mean_metrics, 'eval')
         if samples and self.rank == 0:
@@ -349,61 +402,108 @@ class BasicTrainer:
                           step=self.example_counter)
 
     def train_batches(self):
+        """Training batches from the current position (`batch_counter` batches in, after a resume)."""
         c = self.config
         return preference_datasets.batch_iterator(self.train_examples, c.batch_size, self.tokenizer.pad_token_id,
-                                                  shuffle=True, seed=self.seed, n_epochs=c.n_epochs, n_examples=c.n_examples)
+                                                  shuffle=True, seed=self.seed, n_epochs=c.n_epochs,
+                                                  n_examples=c.n_examples, skip_batches=self.batch_counter)
 
     def n_train_examples(self) -> int:
-        per_epoch = len(self.train_examples) // self.config.batch_size * self.config.batch_size
-        limits = [n for n in (self.config.n_examples, self.config.n_epochs and self.config.n_epochs * per_epoch) if n]
+        """Examples the run will train on: whole batches only, as batch_iterator yields them."""
+        c = self.config
+        per_epoch = len(self.train_examples) // c.batch_size * c.batch_size
+        limits = [n // c.batch_size * c.batch_size for n in (c.n_examples, c.n_epochs and c.n_epochs * per_epoch) if n]
         return min(limits)
 
-    def train(self):
-        """The reference's loop: evaluate every eval_every examples (and checkpoint), then one update
-        from gradient_accumulation_steps microbatches; log at most every minimum_log_interval_secs."""
+    def checkpoint(self, metrics: Optional[Dict] = None):
+        """A resumable step-N/ checkpoint; pending training metrics are logged first, so that a resumed
+        run logs exactly what an uninterrupted one does."""
+        if self.pending_metrics:
+            self._log_train(self.pending_metrics)
+            self.pending_metrics = defaultdict(list)
+        output_dir = os.path.join(self.run_dir, f'step-{self.example_counter}')
+        utils.rank0_print(f'creating checkpoint to write to {output_dir}...')
+        self.save(output_dir, metrics)
+        self.last_checkpoint = self.example_counter
+
+    def _on_stop_signal(self, signum, frame):
+        utils.rank0_print(f'received signal {signum}: will checkpoint after this update and stop')
+        self.stop_signal = signum
+
+    def update(self, batch: Dict):
+        """One optimizer update from gradient_accumulation_steps microbatches of this rank's share. A
+        non-finite loss or gradient norm skips the update; too many in a row stop the run."""
         c = self.config
-        utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
-        utils.seed_everything(self.seed)
-        last_log, last_eval = None, None
-        progress = tqdm(total=self.n_train_examples(), unit='ex', desc=f'{c.loss.name} training',
-                        disable=self.rank != 0, dynamic_ncols=True)
-        batch_metrics = defaultdict(list)
-        for batch in self.train_batches():
-            if (self.eval_examples and self.example_counter % c.eval_every == 0
-                    and (self.example_counter > 0 or c.do_first_eval)):
-                eval_metrics = self.evaluate()
-                last_eval = self.example_counter
-                if self.example_counter > 0 and not c.debug:
-                    output_dir = os.path.join(self.run_dir, f'step-{self.example_counter}')
-                    utils.rank0_print(f'creating checkpoint to write to {output_dir}...')
-                    self.save(output_dir, eval_metrics)
-            self.policy.train()
-            start_time = time.time()
-            for microbatch_idx in range(c.gradient_accumulation_steps):
-                microbatch = utils.slice_batch(batch, microbatch_idx, c.gradient_accumulation_steps)
-                local = utils.move_batch(utils.slice_batch(microbatch, self.rank, self.world_size), self.device)
-                loss, metrics = self.get_batch_metrics(local, train=True)
-                (loss / c.gradient_accumulation_steps).backward()
-                for k, v in metrics.items():
-                    batch_metrics[k].extend(v)
-            grad_norm = self.clip_gradient()
+        start_time, step_metrics, finite = time.time(), defaultdict(list), True
+        for microbatch_idx in range(c.gradient_accumulation_steps):
+            microbatch = utils.slice_batch(batch, microbatch_idx, c.gradient_accumulation_steps)
+            local = utils.move_batch(utils.slice_batch(microbatch, self.rank, self.world_size), self.device)
+            loss, metrics = self.get_batch_metrics(local, train=True)
+            finite &= math.isfinite(loss.item())
+            (loss / c.gradient_accumulation_steps).backward()
+            for k, v in metrics.items():
+                step_metrics[k].extend(v)
+        grad_norm = self.clip_gradient()
+        if self.any_rank(not (finite and math.isfinite(grad_norm))):
+            self.nonfinite_updates += 1
+            self.nonfinite_streak += 1
+            utils.rank0_print(f'skipping update {self.batch_counter + 1}: non-finite loss or gradient norm '
+                              f'({self.nonfinite_streak} in a row)')
+        else:
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad()
-            batch_metrics['examples_per_second'].append(c.batch_size / (time.time() - start_time))
-            batch_metrics['grad_norm'].append(grad_norm)
-            self.batch_counter += 1
-            self.example_counter += c.batch_size
+            self.nonfinite_streak = 0
+        self.optimizer.zero_grad()
+        self.batch_counter += 1
+        self.example_counter += c.batch_size
+        step_metrics['examples_per_second'].append(c.batch_size / (time.time() - start_time))
+        step_metrics['grad_norm'].append(grad_norm)
+        for k, v in step_metrics.items():
+            self.pending_metrics[k].extend(v)
+
+    def train(self):
+        """The reference's loop: evaluate every eval_every examples (and checkpoint), then one update;
+        log at most every minimum_log_interval_secs. SIGTERM/SIGUSR1 (preemption) checkpoint and raise
+        `Preempted` after the current update."""
+        c = self.config
+        utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
+        if self.example_counter == 0:
+            utils.seed_everything(self.seed)
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self._on_stop_signal)
+        last_log = None
+        progress = tqdm(total=self.n_train_examples(), initial=self.example_counter, unit='ex',
+                        desc=f'{c.loss.name} training', disable=self.rank != 0, dynamic_ncols=True)
+        for batch in self.train_batches():
+            if (self.eval_examples and self.example_counter % c.eval_every == 0 and self.last_eval != self.example_counter
+                    and (self.example_counter > 0 or c.do_first_eval)):
+                eval_metrics = self.evaluate()
+                if self.example_counter > 0 and not c.debug:
+                    self.checkpoint(eval_metrics)
+            if (c.checkpoint_every and self.example_counter % c.checkpoint_every == 0 and self.example_counter > 0
+                    and self.last_checkpoint != self.example_counter and not c.debug):
+                self.checkpoint()
+            self.policy.train()
+            self.update(batch)
             progress.update(c.batch_size)
-            postfix = {'loss': np.mean(batch_metrics['loss/train'])}
+            postfix = {'loss': np.mean(self.pending_metrics['loss/train'])}
             if not self.is_sft:
-                postfix['acc'] = np.mean(batch_metrics['rewards_train/accuracies'])
+                postfix['acc'] = np.mean(self.pending_metrics['rewards_train/accuracies'])
             progress.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
             if last_log is None or time.time() - last_log > c.minimum_log_interval_secs:
-                self._log_train(batch_metrics)
-                batch_metrics, last_log = defaultdict(list), time.time()
+                self._log_train(self.pending_metrics)
+                self.pending_metrics, last_log = defaultdict(list), time.time()
+            if self.nonfinite_streak >= c.max_nonfinite_updates:
+                self.checkpoint()
+                raise NonFiniteError(f'{self.nonfinite_streak} updates in a row had a non-finite loss or gradient '
+                                     f'norm; the last good state is in {self.run_dir}/step-{self.example_counter}')
+            if self.any_rank(self.stop_signal is not None):
+                self.checkpoint()
+                raise Preempted(f'stopped by signal {self.stop_signal} after {self.example_counter} examples; '
+                                f'checkpoint in {self.run_dir}/step-{self.example_counter}')
         progress.close()
-        if batch_metrics:  # updates since the last (rate-limited) log
-            self._log_train(batch_metrics)
-        if self.eval_examples and last_eval != self.example_counter:
+        if self.pending_metrics:  # updates since the last (rate-limited) log
+            self._log_train(self.pending_metrics)
+            self.pending_metrics = defaultdict(list)
+        if self.eval_examples and self.last_eval != self.example_counter:
             self.evaluate()

@@ -2,10 +2,13 @@
 padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
 import contextlib
 import datetime
+import errno
 import getpass
 import importlib.util
 import os
 import random
+import re
+import shutil
 import socket
 from typing import Dict, List, Optional
 
@@ -201,3 +204,83 @@ def wandb_mode() -> str:
         return 'online'
     except OSError:
         return 'offline'
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint files: atomic directories, discovery, pruning, RNG state
+# --------------------------------------------------------------------------------------------------
+
+CHECKPOINT_STATE = 'training_state.pt'  # present only in complete, resumable checkpoints
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str):
+    """Yield a temporary directory that replaces `path` only once the block completes, so `path`
+    never names a partial checkpoint. A process killed inside the block leaves only `<path>.tmp-*`."""
+    tmp = f'{path}.tmp-{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            raise RuntimeError(f'disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free); '
+                               f'the previous checkpoints are intact') from e
+        raise
+    if os.path.exists(path):
+        old = f'{path}.old-{os.getpid()}'
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
+
+
+def checkpoint_step(checkpoint_dir: str) -> int:
+    return torch.load(os.path.join(checkpoint_dir, CHECKPOINT_STATE), weights_only=False)['example_counter']
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The complete checkpoint (step-N/, LATEST/, or a LATEST being replaced) with the most examples seen."""
+    if not os.path.isdir(run_dir):
+        return None
+    candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)
+                  if re.fullmatch(r'step-\d+|LATEST(\.old-\d+)?', d)
+                  and os.path.exists(os.path.join(run_dir, d, CHECKPOINT_STATE))]
+    return max(candidates, key=checkpoint_step, default=None)
+
+
+def newest_run_dir(exp_name: str, local_dirs: List[str]) -> Optional[str]:
+    """The newest `<exp_name>_<timestamp>` run directory that holds a checkpoint."""
+    parent = os.path.join(get_local_dir(local_dirs), getpass.getuser())
+    pattern = re.escape(exp_name) + r'_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+'
+    runs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, d))
+    return next((os.path.join(parent, d) for d in reversed(runs) if latest_checkpoint(os.path.join(parent, d))), None)
+
+
+def prune_checkpoints(run_dir: str, keep: Optional[int]):
+    """Delete all but the newest `keep` step-N/ checkpoints, and leftovers of interrupted writes."""
+    for d in os.listdir(run_dir):
+        if re.fullmatch(r'.+\.(tmp|old)-\d+', d) and not d.endswith(f'-{os.getpid()}'):
+            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
+    if keep:
+        steps = sorted((int(d[5:]), d) for d in os.listdir(run_dir) if re.fullmatch(r'step-\d+', d))
+        for _, d in steps[:-keep]:
+            shutil.rmtree(os.path.join(run_dir, d))
+
+
+def rng_state() -> Dict:
+    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict):
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

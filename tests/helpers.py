@@ -1,8 +1,12 @@
-"""Shared test fixtures: a synthetic HH-format data file and composed configs for model=tiny."""
+"""Shared test fixtures: a synthetic HH-format data file, composed configs and a BasicTrainer on model=tiny."""
 import json
 import os
 
+import torch
 from hydra import compose, initialize_config_dir
+
+import train  # registers the config resolvers
+import trainers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, '.cache')  # the dequantized model and tokenizer are cached here once
@@ -20,6 +24,27 @@ def write_hh_file(path, n=48):
 
 
 def compose_config(overrides):
-    import train  # registers the resolvers
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         return compose('config', overrides=list(overrides))
+
+
+def make_trainer(tmp_path, loss='tdpo', **overrides):
+    os.makedirs(tmp_path, exist_ok=True)
+    settings = {'model': 'tiny', 'loss': loss, 'exp_name': 't', 'datasets': f'[{write_hh_file(tmp_path / "pairs.jsonl")}]',
+                'local_dirs': f'[{CACHE}]', 'local_run_dir': str(tmp_path / 'run'), 'batch_size': 4,
+                'max_length': 64, 'max_prompt_length': 32, 'n_eval_examples': 0, 'do_first_eval': False,
+                'wandb.enabled': False, 'optimizer': 'SGD', 'lr': 1.0, 'warmup_steps': 0, 'max_grad_norm': 1e9,
+                'n_examples': 4, 'minimum_log_interval_secs': 0}
+    if loss in ('dpo', 'ipo'):
+        settings['loss.beta'] = 0.1
+    settings.update(overrides)
+    config = compose_config(f'{k}={v}' for k, v in settings.items())
+    train.check_config(config)
+    os.makedirs(config.local_run_dir, exist_ok=True)
+    policy, reference_model = train.build_models(config)
+    trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model)
+    with torch.no_grad():  # move the policy away from the reference, reproducibly
+        g = torch.Generator().manual_seed(0)
+        for p in trainer.policy.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return trainer
