@@ -45,7 +45,10 @@ def split_hh_row(chosen: str, rejected: str, where: str) -> Tuple[str, str, str]
     the rejected dialogue at the wrong place)."""
     prompt = extract_anthropic_prompt(chosen, where)
     if not rejected.startswith(prompt):
-        prompt = extract_anthropic_prompt(os.path.commonprefix([chosen, rejected]), f'{where} (shared part)')
+        shared = os.path.commonprefix([chosen, rejected])
+        if ASSISTANT not in shared:
+            raise DataError(f"{where}: 'chosen' and 'rejected' share no dialogue through an {ASSISTANT!r} turn")
+        prompt = extract_anthropic_prompt(shared, where)
     return prompt, chosen[len(prompt):], rejected[len(prompt):]
 
 

@@ -102,6 +102,9 @@ def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
     (['loss=tdpo', 'exp_name=x', 'loss.beta=0'], 'loss.beta must be positive'),
     (['loss=sft', 'exp_name=x', 'batch_size=6', 'gradient_accumulation_steps=4'], 'must be divisible'),
     (['loss=sft', 'exp_name=x', 'max_prompt_length=512', 'max_length=512'], 'max_prompt_length'),
+    (['loss=sft', 'exp_name=x', 'keep_checkpoints=0'], 'keep_checkpoints'),
+    (['loss=sft', 'exp_name=x', 'on_bad_example=ignore'], 'valid: error, skip'),
+    (['loss=sft', 'exp_name=x', 'resume_from=/nonexistent/step-8'], 'not a complete checkpoint directory'),
 ])
 def test_config_errors_are_clear(tmp_path, args, message):
     code, out = run_train(['model=tiny', f'local_dirs=[{CACHE}]', *args], tmp_path, expect_ok=False)
