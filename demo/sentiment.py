@@ -300,9 +300,11 @@ def evaluate(args):
     reference, ref_tokenizer = load_any(args.reference)
     if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SystemExit('policy and reference tokenizers differ')
-    prompts = read_prompts(args.prompts, tokenizer, args.n)
+    distinct = read_prompts(args.prompts, tokenizer, args.n)
+    prompts = [p for p in distinct for _ in range(args.samples_per_prompt)]
     result = {'policy': args.policy, 'reference': args.reference, 'prompts_file': args.prompts,
-              'n_prompts': len(prompts), 'max_new_tokens': args.max_new_tokens, 'seed': args.seed}
+              'n_prompts': len(distinct), 'samples_per_prompt': args.samples_per_prompt, 'n_samples': len(prompts),
+              'max_new_tokens': args.max_new_tokens, 'seed': args.seed}
     samples = {}
     for name, model in (('policy', policy), ('reference', reference)):
         prompt_ids, response_ids = sample(model, tokenizer, prompts, args.max_new_tokens, args.seed,
@@ -321,7 +323,7 @@ def evaluate(args):
     result['examples'] = [{'prompt': prompts[i].split('<|im_start|>user\n')[-1].split('<|im_end|>')[0],
                            'policy': samples['policy'][2][i], 'policy_reward': samples['policy'][3][i],
                            'reference': samples['reference'][2][i], 'reference_reward': samples['reference'][3][i]}
-                          for i in range(min(args.n_examples, n))]
+                          for i in range(0, min(args.n_examples * args.samples_per_prompt, n), args.samples_per_prompt)]
     result['seconds'] = time.time() - start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
@@ -352,9 +354,9 @@ def report(args):
         ('SeqKL(policy || reference) on policy samples [nats]', 0.0, ev['seq_kl_policy_samples']),
         ('mean response length [tokens]', ev['reference_mean_response_tokens'], ev['policy_mean_response_tokens']),
     ]
-    n = ev['n_prompts']
+    n = f"{ev['n_samples']} samples of {ev['n_prompts']} held-out prompts"
     print('=' * 86)
-    print(f'Controlled sentiment, SmolLM2-135M-Instruct: reference = SFT model, policy = TDPO2 ({n} held-out prompts)')
+    print(f'Controlled sentiment, SmolLM2-135M-Instruct: reference = SFT model, policy = TDPO2 ({n})')
     print('-' * 86)
     print(f'{"":56s}{"before (SFT)":>14s}{"after (TDPO2)":>16s}')
     for name, before, after in rows:
@@ -401,6 +403,7 @@ def main(argv=None):
     e.add_argument('--reference', required=True, help='run dir, HF dir, or model:<config name>')
     e.add_argument('--prompts', required=True, help='a pairs file; its distinct prompts are used')
     e.add_argument('--n', type=int, default=None, help='at most this many prompts')
+    e.add_argument('--samples-per-prompt', type=int, default=1)
     e.add_argument('--max-new-tokens', type=int, default=48)
     e.add_argument('--batch-size', type=int, default=64)
     e.add_argument('--seed', type=int, default=1234)
