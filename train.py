@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import preference_datasets
+import token_stats
 import trainers
 import utils
 
@@ -67,6 +68,8 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'keep_checkpoints must be null or >= 1, got {config.keep_checkpoints}')
     if config.max_nonfinite_updates < 1:
         raise ConfigError(f'max_nonfinite_updates must be >= 1, got {config.max_nonfinite_updates}')
+    if config.stats_impl not in token_stats.STATS_IMPLS:
+        raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
 

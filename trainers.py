@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import preference_datasets
+import token_stats
 import utils
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +197,10 @@ class BasicTrainer:
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
+        self.stats_impl = config.stats_impl
+        if self.stats_impl == 'fused' and token_stats.output_head(self.policy) is None:
+            utils.rank0_print("stats_impl=fused: this model's output layer is not a plain linear map; using 'chunked'")
+            self.stats_impl = 'chunked'
         optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
         if config.optimizer not in optimizers:
             raise ValueError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(optimizers)}')
@@ -300,13 +305,23 @@ class BasicTrainer:
 
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
         """Chosen and rejected through the policy in one pass and through the reference in one pass
-        (no grad) -> per-sequence statistics for the chosen half and the rejected half."""
+        (no grad) -> per-sequence statistics for the chosen half and the rejected half, computed as
+        `stats_impl` says: naive (the reference's full-vocabulary tensors), chunked (same logits,
+        bounded memory) or fused (from hidden states; full logits never exist). All are exact."""
         inputs = concatenated_inputs(batch)
         ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
-        logits = self.policy(ids, attention_mask=mask).logits
-        with torch.no_grad():
-            reference_logits = self.reference_model(ids, attention_mask=mask).logits
-        stats = _tdpo_get_batch_logps(logits, reference_logits, labels)
+        if self.stats_impl == 'fused':
+            hidden = token_stats.final_hidden_states(self.policy, ids, mask)
+            with torch.no_grad():
+                reference_hidden = token_stats.final_hidden_states(self.reference_model, ids, mask)
+            stats = token_stats.fused_sequence_stats(hidden, token_stats.output_head(self.policy), reference_hidden,
+                                                     token_stats.output_head(self.reference_model), labels)
+        else:
+            logits = self.policy(ids, attention_mask=mask).logits
+            with torch.no_grad():
+                reference_logits = self.reference_model(ids, attention_mask=mask).logits
+            stats_fn = _tdpo_get_batch_logps if self.stats_impl == 'naive' else token_stats.chunked_sequence_stats
+            stats = stats_fn(logits, reference_logits, labels)
         n = batch['chosen_input_ids'].shape[0]
         return SequenceStats(*(s[:n] for s in stats)), SequenceStats(*(s[n:] for s in stats))
 

@@ -58,3 +58,24 @@ def test_preference_losses_log_reference_metric_names(tmp_path, loss):
     reward = chosen.logps_margin + (chosen.position_kl if loss == 'tdpo' else 0)
     torch.testing.assert_close(torch.tensor(metrics['rewards_train/chosen']), beta * reward, rtol=1e-4, atol=1e-5)
     assert mean_loss.item() == pytest.approx(sum(metrics['loss/train']) / 4, rel=1e-5)
+
+
+def test_stats_impls_agree_on_metrics_and_gradients(tmp_path):
+    """naive, chunked and fused concatenated forwards: same statistics, loss and policy gradients."""
+    trainer = make_trainer(tmp_path)
+    batch = next(iter(trainer.train_batches()))
+    results = {}
+    for impl in ('naive', 'chunked', 'fused'):
+        trainer.stats_impl = impl
+        trainer.policy.zero_grad()
+        loss, metrics = trainer.get_batch_metrics(batch)
+        loss.backward()
+        results[impl] = (loss.item(), metrics, {n: p.grad.clone() for n, p in trainer.policy.named_parameters()})
+    naive_loss, naive_metrics, naive_grads = results['naive']
+    for impl in ('chunked', 'fused'):
+        loss, metrics, grads = results[impl]
+        assert loss == pytest.approx(naive_loss, rel=1e-5, abs=1e-6)
+        for k in naive_metrics:
+            torch.testing.assert_close(torch.tensor(metrics[k]), torch.tensor(naive_metrics[k]), rtol=1e-4, atol=1e-4)
+        for n in naive_grads:
+            torch.testing.assert_close(grads[n], naive_grads[n], rtol=1e-3, atol=1e-6)
