@@ -225,8 +225,7 @@ def parse_local_row(row, where: str, tokenizer) -> Tuple[str, str, str, str]:
 def _is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     """Deterministic held-out slice of a local file: a stable hash of the prompt, so every pair of a
     prompt lands on the same side and the split never changes between runs or machines."""
-    bucket = int.from_bytes(hashlib.md5(prompt.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
-    return bucket < eval_fraction
+    return int.from_bytes(hashlib.md5(prompt.encode('utf-8')).digest()[:8], 'big') < eval_fraction * 2 ** 64
 
 
 class BadRows:

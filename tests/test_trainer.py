@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import trainers
-from helpers import make_trainer
+from helpers import make_trainer, write_hh_file
 
 
 def test_concatenated_forward_equals_separate_forwards(tmp_path):
@@ -79,3 +79,11 @@ def test_stats_impls_agree_on_metrics_and_gradients(tmp_path):
             torch.testing.assert_close(torch.tensor(metrics[k]), torch.tensor(naive_metrics[k]), rtol=1e-4, atol=1e-4)
         for n in naive_grads:
             torch.testing.assert_close(grads[n], naive_grads[n], rtol=1e-3, atol=1e-6)
+
+
+def test_named_eval_files_are_used_whole_and_so_are_training_files(tmp_path):
+    eval_file = write_hh_file(tmp_path / 'eval.jsonl', n=10)
+    trainer = make_trainer(tmp_path, eval_datasets=f'[{eval_file}]', n_eval_examples=100)
+    assert len(trainer.train_examples) == 48 and len(trainer.eval_examples) == 10
+    held_out = make_trainer(tmp_path / 'split', n_eval_examples=100, eval_fraction=0.25)
+    assert 0 < len(held_out.eval_examples) < 48 and len(held_out.train_examples) + len(held_out.eval_examples) == 48
