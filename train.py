@@ -164,7 +164,7 @@ def main(config: DictConfig):
         # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
         os.environ.setdefault('MASTER_ADDR', 'localhost')
         os.environ['MASTER_PORT'] = str(config.fsdp_port or utils.get_open_port())
-        print(f'starting {world_size} processes for {config.trainer}', flush=True)
+        print(f'{config.trainer}: starting one process per local GPU ({world_size})', flush=True)
         mp.spawn(worker_main, nprocs=world_size, args=(world_size, config), join=True)
     else:
         worker_main(int(os.environ.get('RANK', 0)), world_size, config)
