@@ -1,7 +1,8 @@
 """Entry point: `python -u train.py model=... datasets=[...] loss=sft|tdpo|dpo|ipo exp_name=...`.
 
 Composes config/ with Hydra, checks it, writes the resolved config into a new run directory, builds
-policy and reference models, and hands them to the trainer class named by `trainer`.
+policy and reference models, and hands them to the trainer class named by `trainer`. A distributed
+trainer runs one process per local GPU (spawned here), or one per process that torchrun starts.
 """
 import json
 import os
@@ -12,6 +13,8 @@ from typing import Optional
 
 import hydra
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import preference_datasets
@@ -22,7 +25,7 @@ import utils
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
 OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
 
-TRAINERS = {'BasicTrainer': trainers.BasicTrainer}
+TRAINERS = {cls.__name__: cls for cls in (trainers.BasicTrainer, trainers.FSDPTrainer, trainers.TensorParallelTrainer)}
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 
@@ -43,7 +46,8 @@ def missing_keys(config: DictConfig, prefix: str = '') -> list:
 
 
 def check_config(config: DictConfig, world_size: int = 1):
-    """Fail before any model is loaded, naming every missing key or the key that is wrong."""
+    """Fail before any model is loaded, naming every missing key or the key that is wrong.
+    world_size: the number of processes the run will have."""
     missing = missing_keys(config)
     if missing:
         raise ConfigError('missing required config keys (set them on the command line, e.g. exp_name=my_run): '
@@ -52,9 +56,16 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'unknown trainer={config.trainer!r}; valid: {", ".join(TRAINERS)}')
     if config.loss.name != 'sft' and config.loss.name not in PREFERENCE_LOSSES:
         raise ConfigError(f'unknown loss.name={config.loss.name!r}; valid: sft, {", ".join(PREFERENCE_LOSSES)}')
-    if config.batch_size % (config.gradient_accumulation_steps * world_size):
+    trainer_class = TRAINERS[config.trainer]
+    if world_size > 1 and not trainer_class.distributed:
+        raise ConfigError(f'trainer={config.trainer} runs in one process, not {world_size}: use '
+                          f'{", ".join(name for name, cls in TRAINERS.items() if cls.distributed)}')
+    data_parallel = world_size if trainer_class.splits_batches else 1
+    if config.batch_size % (config.gradient_accumulation_steps * data_parallel):
         raise ConfigError(f'batch_size={config.batch_size} must be divisible by gradient_accumulation_steps '
-                          f'({config.gradient_accumulation_steps}) x world size ({world_size})')
+                          f'({config.gradient_accumulation_steps}) x world size ({data_parallel})')
+    if config.eval_batch_size % data_parallel:
+        raise ConfigError(f'eval_batch_size={config.eval_batch_size} must be divisible by the world size ({data_parallel})')
     if not 0 < config.max_prompt_length < config.max_length:
         raise ConfigError(f'need 0 < max_prompt_length ({config.max_prompt_length}) < max_length ({config.max_length})')
     if 'beta' in config.loss and not config.loss.beta > 0:
@@ -139,20 +150,51 @@ def requeue_slurm_job():
         subprocess.run(['scontrol', 'requeue', job_id], check=False)
 
 
-def worker_main(rank: int, world_size: int, config: DictConfig, policy, reference_model=None,
-                resume_from: Optional[str] = None):
+def prepare_run_dir(config: DictConfig, rank: int):
+    """Resolve the config; every rank takes rank 0's run directory (processes started separately, as by
+    torchrun, resolve different timestamps); rank 0 creates it and writes config.yaml there."""
+    OmegaConf.resolve(config)
+    if dist.is_initialized():
+        run_dir = [config.local_run_dir]
+        dist.broadcast_object_list(run_dir, src=0)
+        config.local_run_dir = run_dir[0]
+    for key in ('eval_every', 'checkpoint_every'):  # whole batches
+        if config[key] and config[key] % config.batch_size:
+            config[key] -= config[key] % config.batch_size
+    if rank == 0:
+        print(OmegaConf.to_yaml(config))
+        os.makedirs(config.local_run_dir, exist_ok=True)
+        with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
+            OmegaConf.save(config, f)
+        print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)
+
+
+def worker_main(rank: int, world_size: int, config: DictConfig, resume_from: Optional[str] = None):
+    """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
+    `resume_from`), saves."""
+    trainer_class = TRAINERS[config.trainer]
+    if trainer_class.distributed:
+        utils.init_distributed(rank, world_size)
+    prepare_run_dir(config, rank)
+    # BasicTrainer spreads one model over all local GPUs; a distributed trainer gives each rank one GPU
+    device_map = 'balanced' if torch.cuda.device_count() > 1 and not trainer_class.distributed else None
+    policy, reference_model = build_models(config, device_map=device_map)
     run_id = torch.load(os.path.join(resume_from, utils.CHECKPOINT_STATE), weights_only=False)['wandb_id'] \
         if resume_from else None
     if rank == 0:
         init_wandb(config, run_id)
-    trainer = TRAINERS[config.trainer](policy, config, config.seed, config.local_run_dir,
-                                      reference_model=reference_model, rank=rank, world_size=world_size)
-    if resume_from:
-        trainer.load_training_state(resume_from)
-    elif rank == 0 and os.path.exists(trainer.metrics_path):
-        os.remove(trainer.metrics_path)  # a new start in a reused run directory
     try:
+        trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
+                                reference_model=reference_model, rank=rank, world_size=world_size)
+        if resume_from:
+            trainer.load_training_state(resume_from)
+        elif rank == 0 and os.path.exists(trainer.metrics_path):
+            os.remove(trainer.metrics_path)  # a new start in a reused run directory
         trainer.train()
+    except preference_datasets.DataError as e:
+        sys.exit(f'data error: {e}')
+    except trainers.NonFiniteError as e:
+        sys.exit(f'training stopped: {e}')
     except trainers.Preempted as e:
         print(e, flush=True)
         if rank == 0:
@@ -165,33 +207,32 @@ def worker_main(rank: int, world_size: int, config: DictConfig, policy, referenc
     if not config.debug:
         trainer.save()
         trainer.export_hf()
-    print(f'run directory: {config.local_run_dir}', flush=True)
+    if rank == 0:
+        print(f'run directory: {config.local_run_dir}', flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @hydra.main(version_base=None, config_path='config', config_name='config')
 def main(config: DictConfig):
+    trainer_class = TRAINERS.get(config.trainer)  # check_config names an unknown trainer
+    distributed = trainer_class is not None and trainer_class.distributed
+    under_torchrun = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    world_size = (int(os.environ['WORLD_SIZE']) if under_torchrun
+                  else max(1, torch.cuda.device_count()) if distributed else 1)
     try:
-        check_config(config)
+        check_config(config, world_size)
         resume_from = resume_checkpoint(config)
     except ConfigError as e:
         sys.exit(f'config error: {e}')
-    OmegaConf.resolve(config)
-    for key in ('eval_every', 'checkpoint_every'):  # whole batches
-        if config[key] and config[key] % config.batch_size:
-            config[key] -= config[key] % config.batch_size
-    print(OmegaConf.to_yaml(config))
-    os.makedirs(config.local_run_dir, exist_ok=True)
-    with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
-        OmegaConf.save(config, f)
-    print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)
-    device_map = 'balanced' if torch.cuda.device_count() > 1 else None
-    policy, reference_model = build_models(config, device_map=device_map)
-    try:
-        worker_main(0, 1, config, policy, reference_model, resume_from)
-    except preference_datasets.DataError as e:
-        sys.exit(f'data error: {e}')
-    except trainers.NonFiniteError as e:
-        sys.exit(f'training stopped: {e}')
+    if distributed and not under_torchrun:
+        # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
+        os.environ.setdefault('MASTER_ADDR', 'localhost')
+        os.environ['MASTER_PORT'] = str(config.fsdp_port or utils.get_open_port())
+        print(f'{config.trainer}: starting one process per local GPU ({world_size})', flush=True)
+        mp.spawn(worker_main, nprocs=world_size, args=(world_size, config, resume_from), join=True)
+    else:
+        worker_main(int(os.environ.get('RANK', 0)), world_size, config, resume_from)
 
 
 if __name__ == '__main__':

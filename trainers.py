@@ -174,13 +174,20 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`.
+    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
     """
+    # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
+    distributed = False
+    # the fused statistics call the decoder and read the output weight directly, outside the model's forward
+    can_fuse_stats = True
+    # the ranks split each batch between them (data parallel); tensor-parallel ranks all see the whole batch
+    splits_batches = True
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
         self.config, self.seed, self.run_dir = config, seed, run_dir
         self.rank, self.world_size = rank, world_size
+        self.data_rank, self.data_world_size = (rank, world_size) if self.splits_batches else (0, 1)
         self.is_sft = config.loss.name == 'sft'
         self.preference_loss = None if self.is_sft else build_preference_loss(config.loss)
         cache_dir = utils.get_local_dir(config.local_dirs)
@@ -196,13 +203,15 @@ class BasicTrainer:
             eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test',
                                                               eval_fraction=1.0 if config.eval_datasets else held_out, **data)
             random.Random(seed).shuffle(eval_examples)
-            self.eval_examples = eval_examples[:config.n_eval_examples]
+            n_eval = min(config.n_eval_examples, len(eval_examples))
+            self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
         self.stats_impl = config.stats_impl
-        if self.stats_impl == 'fused' and token_stats.output_head(self.policy) is None:
-            utils.rank0_print("stats_impl=fused: this model's output layer is not a plain linear map; using 'chunked'")
+        if self.stats_impl == 'fused' and (not self.can_fuse_stats or token_stats.output_head(self.policy) is None):
+            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
+                              f"using 'chunked'")
             self.stats_impl = 'chunked'
         optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
         if config.optimizer not in optimizers:
@@ -234,12 +243,12 @@ class BasicTrainer:
     def clip_gradient(self) -> float:
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
 
-    def generate(self, model, batch: Dict) -> torch.Tensor:
+    def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
         """Sampled continuations (B, new tokens) of the left-padded prompts."""
         prompt = batch['prompt_input_ids']
         output = model.generate(input_ids=prompt, attention_mask=batch['prompt_attention_mask'], do_sample=True,
                                 max_new_tokens=max(1, self.config.max_length - prompt.shape[1]),
-                                pad_token_id=self.tokenizer.pad_token_id)
+                                pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return output[:, prompt.shape[1]:]
 
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -252,23 +261,29 @@ class BasicTrainer:
         output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
         files = {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
                  'scheduler.pt': self.scheduler.state_dict()}
-        if self.rank != 0:
-            return
-        with utils.atomic_directory(output_dir) as tmp:
-            for name, state in files.items():
-                torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}},
-                           os.path.join(tmp, name))
-            torch.save(self.training_state(), os.path.join(tmp, utils.CHECKPOINT_STATE))
-        utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        if self.rank == 0:
+            with utils.atomic_directory(output_dir) as tmp:
+                self._write_checkpoint(tmp, files, metrics)
+            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
 
-    def load_training_state(self, checkpoint_dir: str):
-        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
-        data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
+    def _write_checkpoint(self, directory: str, files: Dict[str, Dict], metrics: Optional[Dict]):
+        for name, state in files.items():
+            torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}},
+                       os.path.join(directory, name))
+        torch.save(self.training_state(), os.path.join(directory, utils.CHECKPOINT_STATE))
+
+    def load_model_state(self, checkpoint_dir: str):
+        """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
         load = lambda name: torch.load(os.path.join(checkpoint_dir, name), map_location='cpu', weights_only=False)
         self.policy.load_state_dict(load('policy.pt')['state'])
         self.optimizer.load_state_dict(load('optimizer.pt')['state'])
         self.scheduler.load_state_dict(load('scheduler.pt')['state'])
-        state = load(utils.CHECKPOINT_STATE)
+
+    def load_training_state(self, checkpoint_dir: str):
+        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
+        data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
+        self.load_model_state(checkpoint_dir)
+        state = torch.load(os.path.join(checkpoint_dir, utils.CHECKPOINT_STATE), weights_only=False)
         for key in ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak'):
             setattr(self, key, state[key])
         utils.set_rng_state(state['rng'])
@@ -297,10 +312,11 @@ class BasicTrainer:
 
     def export_hf(self, output_dir: Optional[str] = None):
         """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
+        state = self.policy_state_dict()  # every rank takes part in gathering a sharded policy
         if self.rank != 0:
             return
         output_dir = output_dir or os.path.join(self.run_dir, 'hf')
-        self.policy.save_pretrained(output_dir, state_dict=self.policy_state_dict())
+        self.policy.save_pretrained(output_dir, state_dict=state)
         self.tokenizer.save_pretrained(output_dir)
         utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
@@ -349,7 +365,7 @@ class BasicTrainer:
                 f'logps_{split}/rejected': rejected.logps})
         values[f'logps_{split}/chosen'] = chosen_logps
         values[f'loss/{split}'] = losses
-        metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.world_size).cpu().tolist()
+        metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
                    for k, v in values.items()}
         return losses.mean(), metrics
 
@@ -389,7 +405,7 @@ class BasicTrainer:
                                                      drop_last=False)
         samples, n_sample_batches = [], math.ceil(self.config.n_eval_model_samples / self.config.eval_batch_size)
         for i, batch in enumerate(tqdm(batches, desc='Computing eval metrics', disable=self.rank != 0, leave=False)):
-            local = utils.move_batch(utils.slice_batch(batch, self.rank, self.world_size), self.device)
+            local = utils.move_batch(utils.slice_batch(batch, self.data_rank, self.data_world_size), self.device)
             with torch.no_grad():
                 _, metrics = self.get_batch_metrics(local, train=False)
             for k, v in metrics.items():
@@ -455,7 +471,7 @@ class BasicTrainer:
         start_time, step_metrics, finite = time.time(), defaultdict(list), True
         for microbatch_idx in range(c.gradient_accumulation_steps):
             microbatch = utils.slice_batch(batch, microbatch_idx, c.gradient_accumulation_steps)
-            local = utils.move_batch(utils.slice_batch(microbatch, self.rank, self.world_size), self.device)
+            local = utils.move_batch(utils.slice_batch(microbatch, self.data_rank, self.data_world_size), self.device)
             loss, metrics = self.get_batch_metrics(local, train=True)
             finite &= math.isfinite(loss.item())
             (loss / c.gradient_accumulation_steps).backward()
@@ -525,3 +541,143 @@ class BasicTrainer:
             self.pending_metrics = defaultdict(list)
         if self.eval_examples and self.last_eval != self.example_counter:
             self.evaluate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed trainers: one process per device, started by train.py or torchrun (see README)
+# ----------------------------------------------------------------------------------------------
+
+def _device_mesh(world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh('cuda' if torch.cuda.is_available() else 'cpu', (world_size,))
+
+
+class ShardedTrainer(BasicTrainer):
+    """What FSDP and tensor parallelism share: parameters are DTensors sliced over the ranks, so every
+    rank takes part in each forward, gradient norm and state-dict gather, and checkpoints are written
+    by all ranks (torch.distributed.checkpoint) besides the reference-format policy.pt from rank 0."""
+    distributed = True
+
+    def clip_gradient(self) -> float:
+        """clip_grad_norm_ of BasicTrainer over parameters that are partly DTensors, partly plain tensors."""
+        from torch.distributed.tensor import DTensor
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
+        norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+        total_norm = torch.linalg.vector_norm(torch.stack(norms)).item()
+        scale = min(1.0, self.config.max_grad_norm / (total_norm + 1e-6))
+        for g in grads:
+            g.mul_(scale)
+        return total_norm
+
+    def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
+        # every forward is collective: a rank whose samples all ended keeps stepping until all have
+        return super().generate(model, batch, synced_gpus=True, **generate_kwargs)
+
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full policy on CPU on rank 0, an empty dict on the others; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
+        """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
+        policy and optimizer in sharded/ (each rank writes its own shards; no rank ever holds the whole
+        optimizer state). All ranks write into rank 0's temporary directory, which rank 0 renames once
+        every rank is done."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        full_policy = self.policy_state_dict()
+        tmp = [f'{output_dir}.tmp-{os.getpid()}']
+        dist.broadcast_object_list(tmp, src=0)
+        dcp.save({'policy': policy_state, 'optimizer': optimizer_state}, checkpoint_id=os.path.join(tmp[0], 'sharded'))
+        dist.barrier()
+        if self.rank == 0:
+            with utils.atomic_directory(output_dir, tmp=tmp[0]) as directory:
+                self._write_checkpoint(directory, {'policy.pt': full_policy, 'scheduler.pt': self.scheduler.state_dict()},
+                                       metrics)
+            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+        dist.barrier()  # no rank moves on before the checkpoint exists
+
+    def load_model_state(self, checkpoint_dir: str):
+        """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
+        ranks or another: torch.distributed.checkpoint reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        state = {'policy': policy_state, 'optimizer': optimizer_state}
+        dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, 'sharded'))
+        set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
+        scheduler = torch.load(os.path.join(checkpoint_dir, 'scheduler.pt'), map_location='cpu', weights_only=False)
+        self.scheduler.load_state_dict(scheduler['state'])
+
+
+def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module]:
+    """The modules of class `block_name`, or else of the classes transformers never splits
+    (`_no_split_modules`: the decoder layers)."""
+    names = [block_name] if block_name else list(getattr(model, '_no_split_modules', None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f'{type(model).__name__} has no module of class {names or "?"}: set model.block_name '
+                         f'to the class name of its transformer block (e.g. LlamaDecoderLayer)')
+    return blocks
+
+
+class FSDPTrainer(ShardedTrainer):
+    """Fully sharded data parallel (FSDP2, `fully_shard`): each rank holds 1/world_size of every
+    parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
+    and backward, and trains on its slice of each batch."""
+    can_fuse_stats = False  # the root module's forward unshards embeddings and head; the fused path skips it
+
+    def wrap_models(self, policy, reference_model):
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = _device_mesh(self.world_size)
+        if self.config.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        mp_dtype = self.config.model.fsdp_policy_mp
+        # compute in mp_dtype, but keep the sharded weights and reduce gradients in full precision
+        policy_mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32) \
+            if mp_dtype else MixedPrecisionPolicy()
+        for model, mp_policy in ((policy, policy_mp), (reference_model, MixedPrecisionPolicy())):
+            if model is not None:
+                for block in transformer_blocks(model, self.config.model.block_name):
+                    fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+                fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
+        return policy, reference_model
+
+
+class TensorParallelTrainer(ShardedTrainer):
+    """Tensor parallelism (PyTorch-native, DTensor): each rank holds a slice of every attention and MLP
+    weight (transformers' `base_model_tp_plan`: column-wise, then row-wise with one all-reduce), and all
+    ranks compute on the whole batch together. Launch with torchrun, one process per GPU of a node."""
+    splits_batches = False
+
+    def wrap_models(self, policy, reference_model):
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+        mesh = _device_mesh(self.world_size)
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        styles = {'colwise': ColwiseParallel, 'rowwise': RowwiseParallel}
+        for model in (policy, reference_model):
+            if model is None:
+                continue
+            config, plan = model.config, getattr(model.config, 'base_model_tp_plan', None) or {}
+            heads = (config.num_attention_heads, getattr(config, 'num_key_value_heads', config.num_attention_heads))
+            if not plan or any(h % self.world_size for h in heads):
+                raise ValueError(f'cannot split {type(model).__name__} over {self.world_size} ranks: needs a '
+                                 f'transformers tensor-parallel plan (has {bool(plan)}) and attention and key/value '
+                                 f'heads {heads} divisible by the number of ranks')
+            # an embedding_rowwise entry only saves memory: that embedding stays whole on every rank
+            unknown = {s for s in plan.values() if s not in styles and s != 'embedding_rowwise'}
+            if unknown:
+                raise ValueError(f'tensor-parallel styles {sorted(unknown)} of {type(model).__name__} are not supported')
+            model.to(device)
+            parallelize_module(model.base_model, mesh, {k: styles[s]() for k, s in plan.items() if s in styles})
+        return policy, reference_model
+
+    def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
+        # the ranks hold slices of one model, so they must sample the same tokens: same seed on each
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
+            torch.manual_seed(self.seed + self.example_counter)
+            return super().generate(model, batch, **generate_kwargs)

@@ -66,6 +66,20 @@ def all_gather_if_needed(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(gathered)
 
 
+def init_distributed(rank: int, world_size: int):
+    """Join the process group: nccl with one GPU per process (LOCAL_RANK under torchrun), gloo on CPU.
+    The rendezvous address is MASTER_ADDR/MASTER_PORT from the environment (torchrun's, or train.py's)."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', rank)))
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', rank=rank, world_size=world_size)
+
+
+def get_open_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(('', 0))
+        return s.getsockname()[1]
+
+
 def slice_batch(batch: Dict, index: int, parts: int) -> Dict:
     """The index-th of `parts` equal slices of every list and tensor in a batch."""
     size = len(batch['prompt'])
@@ -214,12 +228,14 @@ CHECKPOINT_STATE = 'training_state.pt'  # present only in complete, resumable ch
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str):
+def atomic_directory(path: str, tmp: Optional[str] = None):
     """Yield a temporary directory that replaces `path` only once the block completes, so `path`
-    never names a partial checkpoint. A process killed inside the block leaves only `<path>.tmp-*`."""
-    tmp = f'{path}.tmp-{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    never names a partial checkpoint. A process killed inside the block leaves only `<path>.tmp-*`.
+    `tmp`: an existing temporary directory that others (e.g. other ranks) have written into."""
+    if tmp is None:
+        tmp = f'{path}.tmp-{os.getpid()}'
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp, exist_ok=True)
     try:
         yield tmp
     except OSError as e:

@@ -15,7 +15,7 @@ LOSSES = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, 'config', 'loss'))
 
 def readme_commands():
     with open(os.path.join(ROOT, 'README.md')) as f:
-        text = f.read()
+        text = f.read().replace('\\\n', ' ')  # join shell line continuations
     commands = [line.strip() for line in text.splitlines() if re.search(r'\btrain\.py\b', line) and
                 re.match(r'\s*(python|torchrun|srun)', line)]
     assert len(commands) >= 4, 'README lost its train.py commands'
@@ -42,6 +42,8 @@ def test_tdpo2_is_the_default_tdpo():
 def test_readme_command_composes(command):
     args = shlex.split(command)
     overrides = [a for a in args[args.index(next(a for a in args if a.endswith('train.py'))) + 1:] if '=' in a]
+    if '-m' in args:  # a sweep: compose its first run
+        overrides = [o if '[' in o else o.split(',')[0] for o in overrides]
     config = compose_config(overrides)
     train.check_config(config)
     OmegaConf.to_container(config, resolve=True)  # every interpolation resolves (the run dir is only named)
