@@ -5,7 +5,6 @@ implementation of its equation in tests/test_losses.py), then `concatenated_forw
 forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
 Distributed trainers subclass BasicTrainer and override only its named hooks.
 """
-import contextlib
 import json
 import math
 import os
@@ -18,7 +17,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 import preference_datasets

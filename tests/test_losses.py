@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import trainers
@@ -22,8 +21,6 @@ def random_batch(seed=0, b=B, t=T, v=V):
     labels[1, :1] = -100
     labels[1, -2:] = -100         # padding
     labels[2, :] = -100           # a row with no response tokens (truncated to nothing)
-    labels[2, -1] = 0 if t > 1 else -100
-    labels[2, -1] = -100
     return logits, reference_logits, labels
 
 

@@ -3,7 +3,6 @@ archive; checkpoints in the reference's format, the HF export, metrics.jsonl, of
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 

@@ -1,6 +1,5 @@
 """BasicTrainer on model=tiny: the one concatenated forward equals separate forwards, gradient
 accumulation equals one large batch, and every preference loss logs the reference's metrics."""
-import os
 
 import pytest
 import torch
