@@ -387,9 +387,12 @@ class BasicTrainer:
         with open(self.metrics_path, 'a') as f:
             f.write(json.dumps({'split': split, 'step': self.example_counter, **metrics}) + '\n')
 
-    def _log_train(self, batch_metrics: Dict[str, List[float]]):
-        """Means over the updates since the last log, with the counters."""
-        mean_metrics = {k: sum(v) / len(v) for k, v in batch_metrics.items()}
+    def _log_train(self):
+        """Log the means of the training metrics pending since the last log, with the counters."""
+        if not self.pending_metrics:
+            return
+        mean_metrics = {k: sum(v) / len(v) for k, v in self.pending_metrics.items()}
+        self.pending_metrics = defaultdict(list)
         mean_metrics['counters/examples'] = self.example_counter
         mean_metrics['counters/updates'] = self.batch_counter
         mean_metrics['counters/nonfinite_updates'] = self.nonfinite_updates
@@ -451,9 +454,7 @@ class BasicTrainer:
     def checkpoint(self, metrics: Optional[Dict] = None):
         """A resumable step-N/ checkpoint; pending training metrics are logged first, so that a resumed
         run logs exactly what an uninterrupted one does."""
-        if self.pending_metrics:
-            self._log_train(self.pending_metrics)
-            self.pending_metrics = defaultdict(list)
+        self._log_train()
         output_dir = os.path.join(self.run_dir, f'step-{self.example_counter}')
         utils.rank0_print(f'creating checkpoint to write to {output_dir}...')
         self.save(output_dir, metrics)
@@ -524,8 +525,8 @@ class BasicTrainer:
                 postfix['acc'] = np.mean(self.pending_metrics['rewards_train/accuracies'])
             progress.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
             if last_log is None or time.time() - last_log > c.minimum_log_interval_secs:
-                self._log_train(self.pending_metrics)
-                self.pending_metrics, last_log = defaultdict(list), time.time()
+                self._log_train()
+                last_log = time.time()
             if self.nonfinite_streak >= c.max_nonfinite_updates:
                 self.checkpoint()
                 raise NonFiniteError(f'{self.nonfinite_streak} updates in a row had a non-finite loss or gradient '
@@ -535,9 +536,7 @@ class BasicTrainer:
                 raise Preempted(f'stopped by signal {self.stop_signal} after {self.example_counter} examples; '
                                 f'checkpoint in {self.run_dir}/step-{self.example_counter}')
         progress.close()
-        if self.pending_metrics:  # updates since the last (rate-limited) log
-            self._log_train(self.pending_metrics)
-            self.pending_metrics = defaultdict(list)
+        self._log_train()  # updates since the last (rate-limited) log
         if self.eval_examples and self.last_eval != self.example_counter:
             self.evaluate()
 
