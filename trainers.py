@@ -104,21 +104,33 @@ def tdpo_loss(chosen_logps_margin: torch.Tensor, rejected_logps_margin: torch.Te
 def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
                     reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
                     beta: float, label_smoothing: float = 0.0, ipo: bool = False,
-                    reference_free: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (label_smoothing) and IPO (Azar et al.
-    2023, Eq. 17) on (B,) sequence log-probs. Returns (losses, chosen_rewards, rejected_rewards)
-    with rewards = β·(log πθ − log π_ref), detached."""
-    logits = policy_chosen_logps - policy_rejected_logps
-    if not reference_free:
-        logits = logits - (reference_chosen_logps - reference_rejected_logps)
+                    reference_free: bool = False, divergence: str = 'reverse_kl'
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (label_smoothing), IPO (Azar et al. 2023,
+    Eq. 17) and f-DPO (Wang et al. 2023) on (B,) sequence log-probs.
+
+    f-DPO's implicit reward is β·f'(πθ/π_ref) for the f-divergence constraint: reverse_kl (f'(u) =
+    log u + 1, which is DPO) or forward_kl (f'(u) = −1/u, reward −β·π_ref/πθ). The loss is
+    −log σ(r_w − r_l). reference_free drops π_ref from the loss (not from the logged rewards).
+    Returns (losses, chosen_rewards, rejected_rewards), rewards detached."""
+    def f_prime(log_ratio):  # f'(u) at u = πθ/π_ref, without additive constants (they cancel in r_w − r_l)
+        return log_ratio if divergence == 'reverse_kl' else -torch.exp(-log_ratio)
+    if divergence not in ('reverse_kl', 'forward_kl'):
+        raise ValueError(f'divergence={divergence!r}; valid: reverse_kl, forward_kl')
+    if divergence == 'forward_kl' and (ipo or reference_free):
+        raise ValueError('divergence=forward_kl is f-DPO: it needs the reference and the logistic loss')
+    chosen_log_ratio = policy_chosen_logps - reference_chosen_logps
+    rejected_log_ratio = policy_rejected_logps - reference_rejected_logps
+    if reference_free:
+        logits = policy_chosen_logps - policy_rejected_logps
+    else:
+        logits = f_prime(chosen_log_ratio) - f_prime(rejected_log_ratio)
     if ipo:
         losses = (logits - 1 / (2 * beta)) ** 2
     else:
         losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
                   - F.logsigmoid(-beta * logits) * label_smoothing)
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+    return losses, beta * f_prime(chosen_log_ratio).detach(), beta * f_prime(rejected_log_ratio).detach()
 
 
 class SequenceStats(NamedTuple):
@@ -139,10 +151,10 @@ def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
                                       beta=c.beta, alpha=c.alpha, if_tdpo2=c.if_tdpo2)
     if c.name in ('dpo', 'ipo'):
         ipo, smoothing = c.name == 'ipo', c.get('label_smoothing', 0.0)
-        reference_free = c.get('reference_free', False)
+        reference_free, divergence = c.get('reference_free', False), c.get('divergence', 'reverse_kl')
         return lambda w, l: preference_loss(w.logps, l.logps, w.logps - w.logps_margin, l.logps - l.logps_margin,
                                             beta=c.beta, label_smoothing=smoothing, ipo=ipo,
-                                            reference_free=reference_free)
+                                            reference_free=reference_free, divergence=divergence)
     raise ValueError(f"unknown loss.name={c.name!r}; valid: sft, tdpo, dpo, ipo")
 
 

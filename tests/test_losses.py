@@ -150,10 +150,44 @@ def test_preference_loss_values_and_gradients(kwargs):
         assert pr.grad[i].item() == pytest.approx(-pc.grad[i].item(), rel=1e-9, abs=1e-12)
 
 
+def naive_forward_kl_fdpo(pc, pr, rc, rr, beta):
+    """f-DPO with forward KL (Wang et al. 2023): f'(u) = -1/u, loss -log sigmoid(beta (f'(u_w) - f'(u_l))),
+    from the probability ratios themselves."""
+    u_w, u_l = math.exp(pc) / math.exp(rc), math.exp(pr) / math.exp(rr)
+    h = -1 / u_w + 1 / u_l
+    return math.log1p(math.exp(-beta * h)), -beta / u_w, -beta / u_l
+
+
+def test_forward_kl_fdpo_values_and_gradients():
+    g = torch.Generator().manual_seed(6)
+    pc, pr, rc, rr = (torch.randn(4, generator=g, dtype=torch.float64) * 2 for _ in range(4))
+    pc.requires_grad_(True), pr.requires_grad_(True)
+    beta = 0.3
+    losses, cr, rjr = preference_loss(pc, pr, rc, rr, beta=beta, divergence='forward_kl')
+    naive = [naive_forward_kl_fdpo(pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item(), beta) for i in range(4)]
+    torch.testing.assert_close(losses.detach(), torch.tensor([n[0] for n in naive], dtype=torch.float64))
+    torch.testing.assert_close(cr, torch.tensor([n[1] for n in naive], dtype=torch.float64))
+    torch.testing.assert_close(rjr, torch.tensor([n[2] for n in naive], dtype=torch.float64))
+    losses.sum().backward()
+    eps = 1e-6
+    for i in range(4):
+        args = [pc[i].item(), pr[i].item(), rc[i].item(), rr[i].item()]
+        for j, grad in ((0, pc.grad), (1, pr.grad)):
+            bumped = list(args)
+            bumped[j] += eps
+            finite_difference = (naive_forward_kl_fdpo(*bumped, beta)[0] - naive[i][0]) / eps
+            assert grad[i].item() == pytest.approx(finite_difference, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match='f-DPO'):
+        preference_loss(pc, pr, rc, rr, beta=beta, divergence='forward_kl', ipo=True)
+    with pytest.raises(ValueError, match='valid'):
+        preference_loss(pc, pr, rc, rr, beta=beta, divergence='js')
+
+
 @pytest.mark.parametrize('loss', [
     {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': True},
     {'name': 'tdpo', 'beta': 0.1, 'alpha': 0.5, 'if_tdpo2': False},
     {'name': 'dpo', 'beta': 0.1, 'label_smoothing': 0, 'reference_free': False},
+    {'name': 'dpo', 'beta': 0.1, 'divergence': 'forward_kl'},
     {'name': 'ipo', 'beta': 0.1}])
 def test_policy_equal_to_reference_gives_zero_kl_and_log2(loss):
     logits, _, labels = random_batch(seed=4, b=4)
@@ -164,7 +198,9 @@ def test_policy_equal_to_reference_gives_zero_kl_and_log2(loss):
     losses, cr, rr = trainers.build_preference_loss(OmegaConf.create(loss))(half(stats), other(stats))
     expected = (1 / (2 * 0.1)) ** 2 if loss['name'] == 'ipo' else math.log(2)
     torch.testing.assert_close(losses, torch.full_like(losses, expected))
-    torch.testing.assert_close(cr, torch.zeros_like(cr))
+    torch.testing.assert_close(cr, rr)  # zero reward margin (forward KL's rewards are -beta, not 0)
+    if loss.get('divergence') != 'forward_kl':
+        torch.testing.assert_close(cr, torch.zeros_like(cr))
 
 
 def test_build_preference_loss_routes_stats_to_the_right_formula():
