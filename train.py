@@ -130,7 +130,9 @@ def resume_checkpoint(config: DictConfig) -> Optional[str]:
         return checkpoint
     if not config.resume:
         return None
-    if OmegaConf.is_interpolation(config, 'local_run_dir'):
+    # the default local_run_dir is a new timestamped directory; one the user set (it may interpolate other
+    # keys, e.g. runs/beta${loss.beta} in a sweep) names the run directory to continue
+    if str(OmegaConf.to_container(config, resolve=False)['local_run_dir']).startswith('${get_local_run_dir:'):
         run_dir = utils.newest_run_dir(config.exp_name, config.local_dirs)
         if run_dir is None:
             print(f'resume=true: no checkpoint of {config.exp_name} yet; starting a new run', flush=True)

@@ -174,3 +174,18 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
     with open(trainer.metrics_path) as f:
         logged = [json.loads(line) for line in f]
     assert logged[-1]['counters/nonfinite_updates'] == 4
+
+
+def test_resume_finds_the_checkpoint_of_a_set_local_run_dir_with_interpolations(tmp_path):
+    """A sweep names each run's directory from its overrides (local_run_dir=runs/beta${loss.beta}); resume=true
+    must continue that directory, not look for the newest timestamped <exp_name>_* one."""
+    import train
+    from helpers import compose_config
+    checkpoint = tmp_path / 'runs' / 'dpo_beta0.5' / 'step-8'
+    checkpoint.mkdir(parents=True)
+    torch.save({'example_counter': 8}, checkpoint / utils.CHECKPOINT_STATE)
+    base = ['exp_name=never_used', 'loss=dpo', 'loss.beta=0.5', 'resume=true', f'local_dirs=[{tmp_path / "scratch"}]']
+    config = compose_config(base + [f"local_run_dir='{tmp_path}/runs/dpo_beta${{loss.beta}}'"])
+    assert train.resume_checkpoint(config) == str(checkpoint)
+    config = compose_config(base)  # the default: a new timestamped directory, none to continue
+    assert train.resume_checkpoint(config) is None
