@@ -1,0 +1,301 @@
+"""Evaluation entry point: `python -u evaluate.py policy=<run dir> reference=<run dir> prompts=<pairs.jsonl>`.
+
+For a trained policy πθ and its reference π_ref, the two axes of the TDPO paper's reward–KL frontier
+(Zeng et al. 2024, Fig. 2a): sample completions of held-out prompts from the policy (and the reference,
+same seed), score them with a reward model, and estimate KL(πθ ‖ π_ref) on the policy's samples as
+the mean over samples of Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t). Writes one JSON file.
+
+`python -u evaluate.py -m policy=A,B,C ...` (Hydra multirun) evaluates several checkpoints in one process;
+the reference is loaded and sampled once. Samples are pure ancestral draws (temperature 1, no top-k/top-p)
+so that they are draws from πθ and the KL estimate is unbiased.
+"""
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import utils
+
+OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
+OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
+
+KL_BATCH_SIZE = 8  # sequences per teacher-forced pass: bounds the (B, T, V) float32 log-softmax tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards: text -> float, higher is better
+# ----------------------------------------------------------------------------------------------
+
+_VADER = None
+
+
+def vader_reward(text: str) -> float:
+    """VADER compound sentiment in [-1, 1] (Hutto & Gilbert 2014; a lexicon, no download): more positive
+    is better, the offline stand-in for the paper's RoBERTa sentiment classifier."""
+    global _VADER
+    if _VADER is None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        _VADER = SentimentIntensityAnalyzer()
+    return _VADER.polarity_scores(text)['compound']
+
+
+REWARDS = {'vader': vader_reward}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and the KL estimate (pure functions of models and token ids)
+# ----------------------------------------------------------------------------------------------
+
+def cut_after_eos(ids: Sequence[int], eos_id: int) -> List[int]:
+    """Generated ids up to and including the first EOS (the rest is padding)."""
+    ids = list(ids)
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: List[str], max_new_tokens: int, seed: int, batch_size: int,
+           temperature: float = 1.0, desc: str = 'sampling') -> Tuple[List[List[int]], List[List[int]]]:
+    """(prompt ids, response ids) per prompt string: ancestral samples (top_k=0, top_p=1); each response
+    ends at its first EOS or after max_new_tokens."""
+    tokenizer.padding_side = 'left'
+    torch.manual_seed(seed)
+    device = next(model.parameters()).device
+    prompt_ids, response_ids = [], []
+    start = time.time()
+    for b in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[b:b + batch_size], return_tensors='pt', padding=True, add_special_tokens=False)
+        out = model.generate(**enc.to(device), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for row, mask in zip(enc['input_ids'], enc['attention_mask']):
+            prompt_ids.append(row[mask.bool()].tolist())
+        response_ids += [cut_after_eos(r, tokenizer.eos_token_id) for r in out[:, enc['input_ids'].shape[1]:].tolist()]
+        print(f'  {desc}: {len(response_ids)}/{len(prompts)} ({time.time() - start:.0f} s)', flush=True)
+    return prompt_ids, response_ids
+
+
+def _right_padded(prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int):
+    """(input ids, attention mask, response mask), each (B, T) right-padded: positions count from 0 in
+    every row, as in generation; response_mask marks the response tokens."""
+    length = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention[i, :len(p) + len(r)] = 1
+        response[i, len(p):len(p) + len(r)] = True
+    return ids, attention, response
+
+
+@torch.no_grad()
+def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int,
+                 batch_size: int = KL_BATCH_SIZE) -> Dict[str, List[float]]:
+    """Per sample y ~ πθ(·|x) (teacher-forced, prompt masked, up to EOS), lists of floats:
+      log_ratio      = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t); its mean over samples is the
+                       Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses
+      seq_kl         = Σ_t KL(πθ(·|x,y_<t) ‖ π_ref(·|x,y_<t)) over the vocabulary (same expectation,
+                       lower variance)
+      policy_logp, reference_logp = Σ_t log π(y_t|x,y_<t)."""
+    device = next(policy.parameters()).device
+    out = {'log_ratio': [], 'seq_kl': [], 'policy_logp': [], 'reference_logp': []}
+    for b in range(0, len(prompt_ids), batch_size):
+        ids, attention, response = _right_padded(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size], pad_id)
+        ids, attention = ids.to(device), attention.to(device)
+        targets, mask = ids[:, 1:], response[:, 1:].to(device).float()  # logits at t predict token t+1
+        logps = {name: model(ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
+                 for name, model in (('policy', policy), ('reference', reference))}
+        token = {k: v.gather(-1, targets.unsqueeze(-1)).squeeze(-1) for k, v in logps.items()}
+        position_kl = (logps['policy'].exp() * (logps['policy'] - logps['reference'])).sum(-1)
+        out['log_ratio'] += ((token['policy'] - token['reference']) * mask).sum(-1).tolist()
+        out['seq_kl'] += (position_kl * mask).sum(-1).tolist()
+        out['policy_logp'] += (token['policy'] * mask).sum(-1).tolist()
+        out['reference_logp'] += (token['reference'] * mask).sum(-1).tolist()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading what train.py wrote
+# ----------------------------------------------------------------------------------------------
+
+def _hf_model(path: str):
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def _checkpoint_model(checkpoint: str):
+    """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt."""
+    run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
+    cache_dir = utils.get_local_dir(list(run_config.local_dirs))
+    model = utils.load_model(run_config.model, 'float32', cache_dir)
+    model.load_state_dict(torch.load(os.path.join(checkpoint, 'policy.pt'), map_location='cpu',
+                                     mmap=True, weights_only=False)['state'])
+    return model, utils.load_tokenizer(run_config.model, cache_dir)
+
+
+def _config_model(name: str):
+    """`model:<name>`: config/model/<name>.yaml (untrained), loaded as train.py loads it."""
+    config = hydra.compose('config', overrides=[f'model={name}', 'exp_name=evaluate'])
+    cache_dir = utils.get_local_dir(list(config.local_dirs))
+    return utils.load_model(config.model, 'float32', cache_dir), utils.load_tokenizer(config.model, cache_dir)
+
+
+def resolve_model_path(spec: str) -> Tuple[str, str]:
+    """(kind, path) of a model spec: ('config', name) for `model:<name>`; ('hf', dir) for a Hugging Face
+    directory or a run directory's hf/ export; ('checkpoint', dir) for a directory with policy.pt, or a
+    run directory without hf/ (its newest checkpoint)."""
+    if spec.startswith('model:'):
+        return 'config', spec[len('model:'):]
+    path = os.path.abspath(spec)
+    if os.path.exists(os.path.join(path, 'config.json')):
+        return 'hf', path
+    if os.path.exists(os.path.join(path, 'policy.pt')):
+        return 'checkpoint', path
+    if os.path.exists(os.path.join(path, 'hf', 'config.json')):
+        return 'hf', os.path.join(path, 'hf')
+    checkpoint = utils.latest_checkpoint(path)
+    if checkpoint is not None:
+        return 'checkpoint', checkpoint
+    raise ValueError(f'{spec}: not a run directory (with hf/ or a checkpoint), a checkpoint directory (with '
+                     f'policy.pt), a Hugging Face model directory (with config.json), or model:<config name>')
+
+
+def examples_seen(kind: str, path: str) -> Optional[int]:
+    """Training examples behind a model: a checkpoint's counter (an hf/ export: its run's LATEST); else None."""
+    if kind == 'hf' and os.path.basename(path) == 'hf':
+        path = os.path.join(os.path.dirname(path), 'LATEST')
+    state = os.path.join(path, utils.CHECKPOINT_STATE)
+    if kind == 'config' or not os.path.exists(state):
+        return None
+    return torch.load(state, weights_only=False)['example_counter']
+
+
+def load(spec: str):
+    """(model in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec."""
+    kind, path = resolve_model_path(spec)
+    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'checkpoint': _checkpoint_model}[kind](path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token_id = tokenizer.eos_token_id
+    utils.disable_dropout(model)
+    return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), tokenizer, kind, path
+
+
+def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
+    """Distinct prompts of a preference-pairs file (.jsonl: `prompt` as text or chat messages), in file
+    order, rendered as preference_datasets renders them for training."""
+    prompts = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                prompt = json.loads(line)['prompt']
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f'{path}:{line_number}: expected a JSON object with a "prompt" ({e})') from None
+            if not isinstance(prompt, str):
+                prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            if prompt not in prompts:
+                prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f'{path}: no prompts')
+    return prompts[:n] if n else prompts
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+
+_REFERENCE_CACHE: Dict = {}  # multirun: the reference model and its scored samples, once per process
+
+
+def default_out(kind: str, path: str) -> str:
+    """eval.json beside the evaluated weights: in the checkpoint directory, or in the run directory for
+    an hf/ export."""
+    if kind == 'config':
+        raise ValueError('policy=model:<name> has no directory of its own: set out=<path.json>')
+    return os.path.join(os.path.dirname(path) if os.path.basename(path) == 'hf' else path, 'eval.json')
+
+
+def score(model, tokenizer, prompts: List[str], config: DictConfig, reward_fn, name: str) -> Dict:
+    prompt_ids, response_ids = sample(model, tokenizer, prompts, config.max_new_tokens, config.seed,
+                                      config.batch_size, desc=f'{name} samples')
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
+    rewards = [reward_fn(t) for t in texts]
+    return {'prompt_ids': prompt_ids, 'response_ids': response_ids, 'texts': texts, 'rewards': rewards}
+
+
+def mean(values: List[float]) -> float:
+    return sum(values) / len(values)
+
+
+def evaluate(config: DictConfig) -> Dict:
+    """The evaluation of one policy against its reference (see the module docstring) as a dict."""
+    start = time.time()
+    reward_fn = REWARDS[config.reward]
+    policy, tokenizer, kind, path = load(config.policy)
+    reference_key = (config.reference, config.prompts, config.n_prompts, config.samples_per_prompt,
+                     config.max_new_tokens, config.seed, config.batch_size, config.reward)
+    if reference_key not in _REFERENCE_CACHE:
+        _REFERENCE_CACHE.clear()
+        reference, _, _, reference_path = load(config.reference)
+        _REFERENCE_CACHE[reference_key] = {'model': reference, 'path': reference_path, 'scores': None}
+    cached = _REFERENCE_CACHE[reference_key]
+    reference = cached['model']
+    distinct = read_prompts(config.prompts, tokenizer, config.n_prompts)
+    prompts = [p for p in distinct for _ in range(config.samples_per_prompt)]
+    scores = {'policy': score(policy, tokenizer, prompts, config, reward_fn, 'policy')}
+    if config.score_reference:
+        if cached['scores'] is None:
+            cached['scores'] = score(reference, tokenizer, prompts, config, reward_fn, 'reference')
+        scores['reference'] = cached['scores']
+    kl = kl_estimates(policy, reference, scores['policy']['prompt_ids'], scores['policy']['response_ids'],
+                      tokenizer.pad_token_id)
+    result = {'policy': path, 'reference': cached['path'], 'examples_seen': examples_seen(kind, path),
+              'prompts_file': os.path.abspath(config.prompts), 'n_prompts': len(distinct),
+              'samples_per_prompt': config.samples_per_prompt, 'n_samples': len(prompts),
+              'max_new_tokens': config.max_new_tokens, 'seed': config.seed, 'reward': config.reward,
+              # Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses, and its standard error
+              'kl': mean(kl['log_ratio']),
+              'kl_stderr': torch.tensor(kl['log_ratio']).std().item() / len(prompts) ** 0.5 if len(prompts) > 1 else None,
+              'seq_kl': mean(kl['seq_kl'])}  # Σ_t KL(πθ ‖ π_ref) over the vocabulary, averaged over samples
+    for name, s in scores.items():
+        result[f'{name}_reward'] = mean(s['rewards'])
+        result[f'{name}_reward_stderr'] = (torch.tensor(s['rewards']).std().item() / len(prompts) ** 0.5
+                                           if len(prompts) > 1 else None)
+        result[f'{name}_positive_share'] = mean([r > 0.05 for r in s['rewards']])
+        result[f'{name}_response_tokens'] = mean([len(r) for r in s['response_ids']])
+    user_turn = lambda p: p.split('<|im_start|>user\n')[-1].split('<|im_end|>')[0]  # chat-templated prompts
+    result['examples'] = [dict({'prompt': user_turn(prompts[i])},
+                               **{name: s['texts'][i] for name, s in scores.items()},
+                               **{f'{name}_reward': s['rewards'][i] for name, s in scores.items()})
+                          for i in range(0, min(config.n_examples * config.samples_per_prompt, len(prompts)),
+                                         config.samples_per_prompt)]
+    result['seconds'] = time.time() - start
+    return result
+
+
+@hydra.main(version_base=None, config_path='config', config_name='evaluate')
+def main(config: DictConfig):
+    if config.reward not in REWARDS:
+        raise SystemExit(f'config error: reward={config.reward!r}; valid: {", ".join(REWARDS)}')
+    try:
+        out = config.out or default_out(*resolve_model_path(config.policy))
+        resolve_model_path(config.reference)
+        result = evaluate(config)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f'evaluate: {e}')
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + '.tmp', 'w') as f:
+        json.dump(result, f, indent=1)
+    os.replace(out + '.tmp', out)
+    print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
+    print(f'wrote {out}', flush=True)
+
+
+if __name__ == '__main__':
+    main()
