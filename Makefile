@@ -1,9 +1,10 @@
-# The README's two commands: `make demo` (the main job, offline) and `make test` (what CI runs).
+# The README's commands: `make demo` (the main job, offline), `make sweep` (the paper's DPO/TDPO comparison,
+# ~45 min on 2 cores) and `make test` (what CI runs).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test setup clean-cache
+.PHONY: demo sweep test setup clean-cache
 
 setup: $(VENV)/.installed
 
@@ -18,6 +19,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/run_demo.sh
+
+sweep: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/sweep.sh
 
 test: setup
 	$(PY) -m pytest -q tests

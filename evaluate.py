@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import preference_datasets
 import utils
 
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
@@ -186,23 +187,11 @@ def load(spec: str):
 
 
 def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
-    """Distinct prompts of a preference-pairs file (.jsonl: `prompt` as text or chat messages), in file
-    order, rendered as preference_datasets renders them for training."""
-    prompts = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                prompt = json.loads(line)['prompt']
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f'{path}:{line_number}: expected a JSON object with a "prompt" ({e})') from None
-            if not isinstance(prompt, str):
-                prompt = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            if prompt not in prompts:
-                prompts.append(prompt)
-    if not prompts:
-        raise ValueError(f'{path}: no prompts')
+    """Distinct prompts of a local preference file (any format train.py reads: HH dialogues, explicit
+    `prompt`/`chosen`/`rejected` rows, chat messages), whole and in file order, rendered as for training."""
+    if not preference_datasets.is_local_file(path):
+        raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz or .json file of preference pairs')
+    prompts = list(preference_datasets.get_local(path, 'test', tokenizer, eval_fraction=1.0))  # 1.0: every row
     return prompts[:n] if n else prompts
 
 
@@ -281,6 +270,9 @@ def evaluate(config: DictConfig) -> Dict:
 
 @hydra.main(version_base=None, config_path='config', config_name='evaluate')
 def main(config: DictConfig):
+    missing = [key for key in ('policy', 'reference', 'prompts') if OmegaConf.is_missing(config, key)]
+    if missing:
+        raise SystemExit(f'config error: missing required keys (e.g. policy=<run dir>): {", ".join(missing)}')
     if config.reward not in REWARDS:
         raise SystemExit(f'config error: reward={config.reward!r}; valid: {", ".join(REWARDS)}')
     try:

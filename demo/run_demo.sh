@@ -80,9 +80,9 @@ T[tdpo]=$(elapsed "$t"); echo "--- tdpo: ${T[tdpo]} s ($TDPO_RUN)"
 
 echo "=== [4/4] evaluate on held-out prompts: TDPO2 policy vs SFT reference"
 t=$(now)
-"$PYTHON" -u demo/sentiment.py evaluate --policy "$TDPO_RUN" --reference "$SFT_RUN" --prompts "$TEST" \
-    --samples-per-prompt "$EVAL_SAMPLES_PER_PROMPT" --max-new-tokens "$MAX_NEW_TOKENS" --seed $((SEED + 1234)) \
-    --out "$DATA_DIR/eval.json"
+"$PYTHON" -u evaluate.py policy="$TDPO_RUN" reference="$SFT_RUN" prompts="$TEST" \
+    samples_per_prompt="$EVAL_SAMPLES_PER_PROMPT" max_new_tokens="$MAX_NEW_TOKENS" seed=$((SEED + 1234)) \
+    out="$DATA_DIR/eval.json"
 T[evaluate]=$(elapsed "$t"); echo "--- evaluate: ${T[evaluate]} s"
 T[total]=$(elapsed "$start_all")
 

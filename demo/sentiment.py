@@ -7,25 +7,26 @@ Subcommands (run from the repo root; `bash demo/run_demo.sh` runs them all aroun
   build     prompts asking for short movie reviews -> two sampled reviews each -> VADER-labelled
             preference pairs in the project's explicit local format (one JSON object per line with
             `prompt` (chat messages), `chosen`, `rejected`), plus a held-out test file of disjoint prompts.
-  evaluate  sample reviews for held-out prompts from a policy and a reference (same seed), score their
-            mean VADER reward, and estimate KL(pi_theta || pi_ref) on the policy's samples.
-  report    the before/after table of a demo run and its summary JSON.
+  report    the before/after table of a demo run (its evaluation is `evaluate.py`) and its summary JSON.
+Sampling and the VADER reward are evaluate.py's, so that pairs are built and scored the same way.
 """
 import argparse
-import hashlib
 import itertools
 import json
 import os
 import random
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from evaluate import sample, vader_reward as reward  # noqa: E402
+from preference_datasets import _is_eval_prompt  # noqa: E402
 
 SYSTEM = 'You are a film critic.'
 TITLES = ['Starfall Harbor', 'The Glass Orchard', 'Midnight at Pell Station', 'Copper Fields', 'The Last Lighthouse',
@@ -80,28 +81,6 @@ def load_config_model(name: str):
     return model, tokenizer
 
 
-def load_trained(path: str):
-    """(model, tokenizer) from an HF directory, or a train.py run directory (its `hf/` export)."""
-    import transformers
-    import utils
-    if not os.path.exists(os.path.join(path, 'config.json')) and os.path.exists(os.path.join(path, 'hf', 'config.json')):
-        path = os.path.join(path, 'hf')
-    if not os.path.exists(os.path.join(path, 'config.json')):
-        raise SystemExit(f'{path}: neither a Hugging Face model directory nor a run directory with hf/')
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token_id = tokenizer.eos_token_id
-    utils.disable_dropout(model)
-    model.eval()
-    return model, tokenizer
-
-
-def load_any(spec: str):
-    """`model:<config name>` (e.g. model:smollm2-135m, the untrained model) or a directory (see load_trained)."""
-    return load_config_model(spec[len('model:'):]) if spec.startswith('model:') else load_trained(spec)
-
-
 def candidate_prompts(seed: int) -> List[List[Dict[str, str]]]:
     """Every title x genre x phrasing as chat messages, in a seeded order."""
     combos = list(itertools.product(TITLES, GENRES, PHRASINGS))
@@ -121,94 +100,7 @@ def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     """preference_datasets' held-out rule for local files (stable md5 bucket of the rendered prompt).
     The demo's train prompts are all outside this slice and its test prompts all inside, so train.py keeps
     every train pair for training and every test pair for evaluation."""
-    try:
-        from preference_datasets import _is_eval_prompt
-        return _is_eval_prompt(prompt, eval_fraction)
-    except ImportError:
-        bucket = int.from_bytes(hashlib.md5(prompt.encode('utf-8')).digest()[:8], 'big') / 2 ** 64
-        return bucket < eval_fraction
-
-
-_ANALYZER = None
-
-
-def reward(text: str) -> float:
-    """VADER compound sentiment in [-1, 1]: the demo's reward (more positive = better)."""
-    global _ANALYZER
-    if _ANALYZER is None:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        _ANALYZER = SentimentIntensityAnalyzer()
-    return _ANALYZER.polarity_scores(text)['compound']
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling and log-probabilities
-# --------------------------------------------------------------------------------------------------
-
-def cut_after_eos(ids: Sequence[int], eos_id: int) -> List[int]:
-    """Generated ids up to and including the first EOS (the rest is padding)."""
-    ids = list(ids)
-    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: List[str], max_new_tokens: int, seed: int, batch_size: int,
-           temperature: float = 1.0, desc: str = 'sampling') -> Tuple[List[List[int]], List[List[int]]]:
-    """(prompt ids, response ids) per prompt: pure ancestral samples (top_k=0, top_p=1), so that they are
-    draws from the model itself; each response ends at its first EOS or after max_new_tokens."""
-    tokenizer.padding_side = 'left'
-    torch.manual_seed(seed)
-    prompt_ids, response_ids = [], []
-    start = time.time()
-    for b in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[b:b + batch_size], return_tensors='pt', padding=True, add_special_tokens=False)
-        out = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row, mask in zip(enc['input_ids'], enc['attention_mask']):
-            prompt_ids.append(row[mask.bool()].tolist())
-        response_ids += [cut_after_eos(r, tokenizer.eos_token_id) for r in out[:, enc['input_ids'].shape[1]:].tolist()]
-        print(f'  {desc}: {len(response_ids)}/{len(prompts)} ({time.time() - start:.0f} s)', flush=True)
-    return prompt_ids, response_ids
-
-
-def _right_padded(prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int):
-    """(input ids, attention mask, response mask) right-padded: positions count from 0 in every row, as
-    in generation, and response_mask[i, t] marks the response tokens."""
-    length = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
-    ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    response = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attention[i, :len(p) + len(r)] = 1
-        response[i, len(p):len(p) + len(r)] = True
-    return ids, attention, response
-
-
-@torch.no_grad()
-def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int,
-                 batch_size: int = 16) -> Dict[str, List[float]]:
-    """Per sample y ~ pi_theta (teacher-forced, prompt masked, stopping at EOS):
-      log_ratio = sum_t log pi_theta(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)   (its mean over samples is the
-                  Monte-Carlo estimate of the sequence KL(pi_theta || pi_ref))
-      seq_kl    = sum_t KL(pi_theta(.|x, y_<t) || pi_ref(.|x, y_<t)) over the vocabulary (same expectation,
-                  lower variance)
-      policy_logp, reference_logp = sum_t log pi(y_t | x, y_<t)."""
-    out = {'log_ratio': [], 'seq_kl': [], 'policy_logp': [], 'reference_logp': []}
-    for b in range(0, len(prompt_ids), batch_size):
-        ids, attention, response = _right_padded(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size], pad_id)
-        targets, mask = ids[:, 1:], response[:, 1:].float()  # logits at t predict token t+1
-        logps = {}
-        for name, model in (('policy', policy), ('reference', reference)):
-            logps[name] = model(ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
-        token = {k: v.gather(-1, targets.unsqueeze(-1)).squeeze(-1) for k, v in logps.items()}
-        position_kl = (logps['policy'].exp() * (logps['policy'] - logps['reference'])).sum(-1)
-        out['log_ratio'] += ((token['policy'] - token['reference']) * mask).sum(-1).tolist()
-        out['seq_kl'] += (position_kl * mask).sum(-1).tolist()
-        out['policy_logp'] += (token['policy'] * mask).sum(-1).tolist()
-        out['reference_logp'] += (token['reference'] * mask).sum(-1).tolist()
-    return out
+    return _is_eval_prompt(prompt, eval_fraction)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,56 +173,6 @@ def build(args):
     print(f'build: done in {seconds:.0f} s')
 
 
-def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
-    """Distinct rendered prompts of a local pairs file, in file order."""
-    prompts = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                p = render(tokenizer, json.loads(line)['prompt'])
-                if p not in prompts:
-                    prompts.append(p)
-    return prompts[:n] if n else prompts
-
-
-def evaluate(args):
-    set_threads()
-    start = time.time()
-    policy, tokenizer = load_any(args.policy)
-    reference, ref_tokenizer = load_any(args.reference)
-    if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-        raise SystemExit('policy and reference tokenizers differ')
-    distinct = read_prompts(args.prompts, tokenizer, args.n)
-    prompts = [p for p in distinct for _ in range(args.samples_per_prompt)]
-    result = {'policy': args.policy, 'reference': args.reference, 'prompts_file': args.prompts,
-              'n_prompts': len(distinct), 'samples_per_prompt': args.samples_per_prompt, 'n_samples': len(prompts),
-              'max_new_tokens': args.max_new_tokens, 'seed': args.seed}
-    samples = {}
-    for name, model in (('policy', policy), ('reference', reference)):
-        prompt_ids, response_ids = sample(model, tokenizer, prompts, args.max_new_tokens, args.seed,
-                                          args.batch_size, desc=f'{name} samples')
-        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
-        rewards = [reward(t) for t in texts]
-        samples[name] = (prompt_ids, response_ids, texts, rewards)
-        result[f'{name}_mean_reward'] = sum(rewards) / len(rewards)
-        result[f'{name}_positive_share'] = sum(r > 0.05 for r in rewards) / len(rewards)
-        result[f'{name}_mean_response_tokens'] = sum(map(len, response_ids)) / len(response_ids)
-    prompt_ids, response_ids = samples['policy'][:2]
-    kl = kl_estimates(policy, reference, prompt_ids, response_ids, tokenizer.pad_token_id, args.batch_size)
-    n = len(prompt_ids)
-    result['kl_policy_samples'] = sum(kl['log_ratio']) / n          # MC estimate of KL(pi_theta || pi_ref)
-    result['seq_kl_policy_samples'] = sum(kl['seq_kl']) / n         # sum_t KL(pi_theta || pi_ref) per position
-    result['examples'] = [{'prompt': prompts[i].split('<|im_start|>user\n')[-1].split('<|im_end|>')[0],
-                           'policy': samples['policy'][2][i], 'policy_reward': samples['policy'][3][i],
-                           'reference': samples['reference'][2][i], 'reference_reward': samples['reference'][3][i]}
-                          for i in range(0, min(args.n_examples * args.samples_per_prompt, n), args.samples_per_prompt)]
-    result['seconds'] = time.time() - start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
-
-
 def last_eval(run_dir: str) -> Dict:
     """The last `eval` line of a run's metrics.jsonl ({} if none)."""
     path = os.path.join(run_dir, 'metrics.jsonl')
@@ -348,11 +190,11 @@ def report(args):
     sft_eval = last_eval(args.sft_run) if args.sft_run else {}
     f3 = lambda x: '   n/a' if x is None else f'{x:+.3f}'
     rows = [
-        ('mean VADER reward of samples (held-out prompts)', ev['reference_mean_reward'], ev['policy_mean_reward']),
+        ('mean VADER reward of samples (held-out prompts)', ev['reference_reward'], ev['policy_reward']),
         ('share of positive samples (compound > 0.05)', ev['reference_positive_share'], ev['policy_positive_share']),
-        ('KL(policy || reference), MC on policy samples [nats]', 0.0, ev['kl_policy_samples']),
-        ('SeqKL(policy || reference) on policy samples [nats]', 0.0, ev['seq_kl_policy_samples']),
-        ('mean response length [tokens]', ev['reference_mean_response_tokens'], ev['policy_mean_response_tokens']),
+        ('KL(policy || reference), MC on policy samples [nats]', 0.0, ev['kl']),
+        ('SeqKL(policy || reference) on policy samples [nats]', 0.0, ev['seq_kl']),
+        ('mean response length [tokens]', ev['reference_response_tokens'], ev['policy_response_tokens']),
     ]
     n = f"{ev['n_samples']} samples of {ev['n_prompts']} held-out prompts"
     print('=' * 86)
@@ -373,7 +215,7 @@ def report(args):
     summary = {'eval': {k: v for k, v in ev.items() if k != 'examples'}, 'examples': ev.get('examples', [])[:4],
                'tdpo_heldout_eval': tdpo_eval, 'sft_heldout_eval': sft_eval, 'data': meta,
                'sft_run': args.sft_run, 'tdpo_run': args.tdpo_run, 'timings_s': timings,
-               'reward_gain': ev['policy_mean_reward'] - ev['reference_mean_reward']}
+               'reward_gain': ev['policy_reward'] - ev['reference_reward']}
     with open(args.out, 'w') as f:
         json.dump(summary, f, indent=1)
     print(f'summary written to {args.out}')
@@ -398,18 +240,6 @@ def main(argv=None):
     b.add_argument('--model', default='smollm2-135m', help='config/model/<name>.yaml')
     b.add_argument('--eval-fraction', type=float, default=0.05, help='must equal train.py eval_fraction')
     b.set_defaults(func=build)
-    e = sub.add_parser('evaluate', help='reward and KL of policy samples vs reference samples')
-    e.add_argument('--policy', required=True, help='run dir, HF dir, or model:<config name>')
-    e.add_argument('--reference', required=True, help='run dir, HF dir, or model:<config name>')
-    e.add_argument('--prompts', required=True, help='a pairs file; its distinct prompts are used')
-    e.add_argument('--n', type=int, default=None, help='at most this many prompts')
-    e.add_argument('--samples-per-prompt', type=int, default=1)
-    e.add_argument('--max-new-tokens', type=int, default=48)
-    e.add_argument('--batch-size', type=int, default=64)
-    e.add_argument('--seed', type=int, default=1234)
-    e.add_argument('--n-examples', type=int, default=8, help='sample texts kept in the JSON')
-    e.add_argument('--out', required=True)
-    e.set_defaults(func=evaluate)
     r = sub.add_parser('report', help='print the before/after table, write the summary JSON')
     r.add_argument('--eval', required=True)
     r.add_argument('--tdpo-run', required=True)
