@@ -1,7 +1,8 @@
 """The TDPO paper's Figure 2 from a sweep's run directories (demo/sweep.sh writes them), in one PNG:
   (a) reward–KL frontier: mean reward of policy samples on held-out prompts against KL(πθ ‖ π_ref) on
-      them, one point per evaluated checkpoint (evaluate.py's eval.json), each run a line from the
-      reference (KL 0) through its checkpoints;
+      them, one point per evaluated checkpoint (evaluate.py's eval.json), each run a thin line from the
+      reference (KL 0) through its checkpoints, each method's frontier (its Pareto-best points over all
+      its runs and checkpoints) a thick step line;
   (b), (c) SeqKL(π_ref ‖ πθ) of the preferred / dispreferred responses over training (metrics.jsonl,
       `kl_train/chosen`, `kl_train/rejected`: one value per logged update, a mean over its batch);
   (d) their margin |SeqKL(y_w) − SeqKL(y_l)| over training.
@@ -80,6 +81,16 @@ def colors_of(runs: List[Dict]) -> Dict[str, str]:
     return colors
 
 
+def pareto_front(points: List[tuple]) -> List[tuple]:
+    """The (KL, reward) points that no other point beats with less or equal KL and more reward, by KL."""
+    front, best = [], float('-inf')
+    for kl, reward in sorted(points, key=lambda p: (p[0], -p[1])):
+        if reward > best:
+            front.append((kl, reward))
+            best = reward
+    return front
+
+
 def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
     """Draw the four panels into `out`; returns the figure. curves_beta: the β whose runs panels (b)–(d)
     show (default: the smallest in the sweep), so that each method has one line there."""
@@ -102,9 +113,16 @@ def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
             xs, ys = [0.0] + xs, [reference_reward] + ys
         label = r['method'] if r['method'] not in labelled else None
         labelled.add(r['method'])
-        ax.plot(xs, ys, color=colors[r['method']], alpha=0.35, linewidth=1)
+        ax.plot(xs, ys, color=colors[r['method']], alpha=0.25, linewidth=0.8)
         ax.scatter(xs[-len(r['evals']):], ys[-len(r['evals']):], color=colors[r['method']], marker=markers[r['beta']],
                    label=label, zorder=3)
+    for method in dict.fromkeys(r['method'] for r in runs):  # each method's frontier over all its β and checkpoints
+        points = [(e['kl'], e['policy_reward']) for r in runs if r['method'] == method for e in r['evals']]
+        if reference_reward is not None:
+            points.append((0.0, reference_reward))
+        front = pareto_front(points)
+        if len(front) > 1:
+            ax.plot(*zip(*front), color=colors[method], linewidth=2.2, drawstyle='steps-post', zorder=2)
     if reference_reward is not None:
         ax.scatter([0], [reference_reward], color='black', marker='*', s=120, label='reference (SFT)', zorder=4)
     for beta in betas:  # marker legend entries for β

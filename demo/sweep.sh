@@ -62,8 +62,8 @@ t=$(now)
     --model "$MODEL" --eval-fraction 0.05
 T[build]=$(elapsed "$t")
 N_PAIRS=$(wc -l < "$TRAIN")
-HALF=$(( (N_PAIRS / BATCH_SIZE * EPOCHS / 2) * BATCH_SIZE ))  # examples at the halfway checkpoint
-HALF=$(( HALF < BATCH_SIZE ? BATCH_SIZE : HALF ))
+N_UPDATES=$(( N_PAIRS / BATCH_SIZE * EPOCHS ))
+HALF=$(( (N_UPDATES + 1) / 2 * BATCH_SIZE ))  # examples at the one checkpoint halfway (the next would be at or past the end)
 
 echo "=== [2/5] SFT (the reference of every run)"
 t=$(now)

@@ -50,9 +50,14 @@ def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path):
     fig = plot_sweep.plot(runs, str(tmp_path / 'again.png'))
     assert len(fig.axes) == 4
     frontier, chosen, rejected, margin = fig.axes
-    # (a): each run a line from the reference point (0, 0.25) through its two checkpoints
-    assert len(frontier.lines) == 5
-    assert all(list(line.get_xdata())[0] == 0 and len(line.get_xdata()) == 3 for line in frontier.lines)
+    # (a): each run a thin line from the reference point (0, 0.25) through its two checkpoints, then one
+    # frontier per method: TDPO2's two runs give one frontier through the better points of both
+    trajectories, fronts = frontier.lines[:5], frontier.lines[5:]
+    assert all(list(line.get_xdata())[0] == 0 and len(line.get_xdata()) == 3 for line in trajectories)
+    assert len(fronts) == 4
+    tdpo2_front = fronts[-1]
+    assert list(tdpo2_front.get_xdata()) == [0, 4.0, 5.0, 8.0, 10.0]  # every point of this synthetic data is on it
+
     # (b)-(d): the four runs at the smallest β, one line each; (d) is the absolute margin
     for ax in (chosen, rejected, margin):
         assert len(ax.lines) == 4
@@ -67,3 +72,8 @@ def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path):
 def test_plot_sweep_without_runs_says_so(tmp_path):
     with pytest.raises(SystemExit, match='no preference runs'):
         plot_sweep.main([str(tmp_path), '--out', str(tmp_path / 'x.png')])
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(0, 0.2), (3, 0.5), (2, 0.3), (4, 0.4), (5, 0.6), (5, 0.55), (1, 0.1)]
+    assert plot_sweep.pareto_front(points) == [(0, 0.2), (2, 0.3), (3, 0.5), (5, 0.6)]
