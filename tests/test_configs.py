@@ -1,4 +1,4 @@
-"""Every config composes: each model and loss file, and every train.py command in the README."""
+"""Every config composes: each model and loss file, and every train.py and evaluate.py command in the README."""
 import os
 import re
 import shlex
@@ -47,3 +47,26 @@ def test_readme_command_composes(command):
     config = compose_config(overrides)
     train.check_config(config)
     OmegaConf.to_container(config, resolve=True)  # every interpolation resolves (the run dir is only named)
+
+
+def readme_evaluate_commands():
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        text = f.read().replace('\\\n', ' ')
+    commands = [line.strip() for line in text.splitlines() if re.match(r'\s*python\b.*\bevaluate\.py\b', line)]
+    assert commands, 'README lost its evaluate.py commands'
+    return commands
+
+
+@pytest.mark.parametrize('command', readme_evaluate_commands())
+def test_readme_evaluate_command_composes(command):
+    import evaluate
+    from hydra import compose, initialize_config_dir
+    args = shlex.split(command)
+    overrides = [a for a in args[args.index(next(a for a in args if a.endswith('evaluate.py'))) + 1:] if '=' in a]
+    if '-m' in args:
+        overrides = [o.split(',')[0] for o in overrides]
+    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
+        config = compose('evaluate', overrides=overrides)
+    assert not [k for k in ('policy', 'reference', 'prompts') if OmegaConf.is_missing(config, k)]
+    assert config.reward in evaluate.REWARDS
+    OmegaConf.to_container(config, resolve=True)
