@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import preference_datasets
+import trainers
 import utils
 
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
@@ -97,25 +98,21 @@ def _right_padded(prompt_ids: List[List[int]], response_ids: List[List[int]], pa
 def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int,
                  batch_size: int = KL_BATCH_SIZE) -> Dict[str, List[float]]:
     """Per sample y ~ πθ(·|x) (teacher-forced, prompt masked, up to EOS), lists of floats:
-      log_ratio      = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t); its mean over samples is the
-                       Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses
-      seq_kl         = Σ_t KL(πθ(·|x,y_<t) ‖ π_ref(·|x,y_<t)) over the vocabulary (same expectation,
-                       lower variance)
-      policy_logp, reference_logp = Σ_t log π(y_t|x,y_<t)."""
+      log_ratio = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t); its mean over samples is the
+                  Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses
+      seq_kl    = Σ_t KL(πθ(·|x,y_<t) ‖ π_ref(·|x,y_<t)) over the vocabulary (same expectation, lower variance)
+    Both from the trainer's `_tdpo_get_batch_logps` with the models' roles swapped: its margin is then
+    Σ_t log π_ref − log πθ and its SeqKL is KL(πθ ‖ π_ref)."""
     device = next(policy.parameters()).device
-    out = {'log_ratio': [], 'seq_kl': [], 'policy_logp': [], 'reference_logp': []}
+    out = {'log_ratio': [], 'seq_kl': []}
     for b in range(0, len(prompt_ids), batch_size):
         ids, attention, response = _right_padded(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size], pad_id)
         ids, attention = ids.to(device), attention.to(device)
-        targets, mask = ids[:, 1:], response[:, 1:].to(device).float()  # logits at t predict token t+1
-        logps = {name: model(ids, attention_mask=attention).logits[:, :-1].float().log_softmax(-1)
-                 for name, model in (('policy', policy), ('reference', reference))}
-        token = {k: v.gather(-1, targets.unsqueeze(-1)).squeeze(-1) for k, v in logps.items()}
-        position_kl = (logps['policy'].exp() * (logps['policy'] - logps['reference'])).sum(-1)
-        out['log_ratio'] += ((token['policy'] - token['reference']) * mask).sum(-1).tolist()
-        out['seq_kl'] += (position_kl * mask).sum(-1).tolist()
-        out['policy_logp'] += (token['policy'] * mask).sum(-1).tolist()
-        out['reference_logp'] += (token['reference'] * mask).sum(-1).tolist()
+        labels = ids.masked_fill(~response.to(device), -100)
+        reference_minus_policy, seq_kl, _ = trainers._tdpo_get_batch_logps(
+            reference(ids, attention_mask=attention).logits, policy(ids, attention_mask=attention).logits, labels)
+        out['log_ratio'] += (-reference_minus_policy).tolist()
+        out['seq_kl'] += seq_kl.tolist()
     return out
 
 
@@ -140,8 +137,16 @@ def _checkpoint_model(checkpoint: str):
 
 
 def _config_model(name: str):
-    """`model:<name>`: config/model/<name>.yaml (untrained), loaded as train.py loads it."""
-    config = hydra.compose('config', overrides=[f'model={name}', 'exp_name=evaluate'])
+    """`model:<name>`: config/model/<name>.yaml (untrained), loaded as train.py loads it; from inside
+    evaluate.py's Hydra app, or from a plain script (demo/sentiment.py)."""
+    from hydra.core.global_hydra import GlobalHydra
+    overrides = [f'model={name}', 'exp_name=evaluate']
+    if GlobalHydra.instance().is_initialized():
+        config = hydra.compose('config', overrides=overrides)
+    else:
+        config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+        with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
+            config = hydra.compose('config', overrides=overrides)
     cache_dir = utils.get_local_dir(list(config.local_dirs))
     return utils.load_model(config.model, 'float32', cache_dir), utils.load_tokenizer(config.model, cache_dir)
 
@@ -222,6 +227,11 @@ def mean(values: List[float]) -> float:
     return sum(values) / len(values)
 
 
+def stderr(values: List[float]) -> Optional[float]:
+    """Standard error of the mean (None for a single value)."""
+    return torch.tensor(values).std().item() / len(values) ** 0.5 if len(values) > 1 else None
+
+
 def evaluate(config: DictConfig) -> Dict:
     """The evaluation of one policy against its reference (see the module docstring) as a dict."""
     start = time.time()
@@ -250,12 +260,11 @@ def evaluate(config: DictConfig) -> Dict:
               'max_new_tokens': config.max_new_tokens, 'seed': config.seed, 'reward': config.reward,
               # Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses, and its standard error
               'kl': mean(kl['log_ratio']),
-              'kl_stderr': torch.tensor(kl['log_ratio']).std().item() / len(prompts) ** 0.5 if len(prompts) > 1 else None,
+              'kl_stderr': stderr(kl['log_ratio']),
               'seq_kl': mean(kl['seq_kl'])}  # Σ_t KL(πθ ‖ π_ref) over the vocabulary, averaged over samples
     for name, s in scores.items():
         result[f'{name}_reward'] = mean(s['rewards'])
-        result[f'{name}_reward_stderr'] = (torch.tensor(s['rewards']).std().item() / len(prompts) ** 0.5
-                                           if len(prompts) > 1 else None)
+        result[f'{name}_reward_stderr'] = stderr(s['rewards'])
         result[f'{name}_positive_share'] = mean([r > 0.05 for r in s['rewards']])
         result[f'{name}_response_tokens'] = mean([len(r) for r in s['response_ids']])
     user_turn = lambda p: p.split('<|im_start|>user\n')[-1].split('<|im_end|>')[0]  # chat-templated prompts

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-from evaluate import sample, vader_reward as reward  # noqa: E402
+from evaluate import load, sample, vader_reward as reward  # noqa: E402
 from preference_datasets import _is_eval_prompt  # noqa: E402
 
 SYSTEM = 'You are a film critic.'
@@ -57,28 +57,6 @@ def set_threads():
     """DEMO_THREADS=N pins torch's CPU threads (1 is much faster than 2 when other jobs share 2 cores)."""
     if os.environ.get('DEMO_THREADS'):
         torch.set_num_threads(int(os.environ['DEMO_THREADS']))
-
-
-def model_config(name: str):
-    """config/model/<name>.yaml, composed and resolved as train.py does."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-    import utils
-    OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
-    OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
-    with initialize_config_dir(version_base=None, config_dir=os.path.join(ROOT, 'config')):
-        config = compose('config', overrides=[f'model={name}', 'exp_name=demo'])
-    return config.model, utils.get_local_dir(list(config.local_dirs))
-
-
-def load_config_model(name: str):
-    """(model, tokenizer) of a config/model/<name>.yaml through utils, as train.py builds the policy."""
-    import utils
-    mc, cache_dir = model_config(name)
-    tokenizer = utils.load_tokenizer(mc, cache_dir)
-    model = utils.load_model(mc, 'float32', cache_dir)
-    model.eval()
-    return model, tokenizer
 
 
 def candidate_prompts(seed: int) -> List[List[Dict[str, str]]]:
@@ -127,7 +105,7 @@ def build(args):
                   f'({old["n_train_pairs"]} train / {old["n_test_pairs"]} test pairs)')
             return
     start = time.time()
-    model, tokenizer = load_config_model(args.model)
+    model, tokenizer, _, _ = load(f'model:{args.model}')
     # Train prompts outside train.py's held-out slice of a local file, test prompts inside it (see is_eval_prompt).
     train_msgs, test_msgs = [], []
     for msgs in candidate_prompts(args.seed):
