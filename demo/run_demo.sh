@@ -31,21 +31,9 @@ OPTIMIZER=${OPTIMIZER:-AdamW}
 EVAL_SAMPLES_PER_PROMPT=${EVAL_SAMPLES_PER_PROMPT:-4}
 SEED=${SEED:-0}
 
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-# With other jobs on the cores, 2 OpenMP threads per process spin against each other and every small
-# op waits for a time slice (2-5x slower here); one thread is then much faster. Idle machine: torch's default.
-if [ -z "${OMP_NUM_THREADS:-}" ]; then
-    load=$(cut -d' ' -f1 /proc/loadavg) cores=$(nproc --all)
-    if awk -v l="$load" -v n="$cores" 'BEGIN { exit !(l >= n) }'; then
-        export OMP_NUM_THREADS=1
-        echo "demo: machine busy (load average $load on $cores cores): one thread per process"
-    fi
-fi
+source demo/common.sh demo
 
 mkdir -p "$DATA_DIR"
-declare -A T
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 run_dir() { sed -n 's/^run directory: //p' "$1" | tail -n 1; }
 start_all=$(now)
 

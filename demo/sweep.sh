@@ -32,21 +32,11 @@ BATCH_SIZE=${BATCH_SIZE:-4}
 EVAL_SAMPLES_PER_PROMPT=${EVAL_SAMPLES_PER_PROMPT:-4}
 SEED=${SEED:-0}
 
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=disabled
-if [ -z "${OMP_NUM_THREADS:-}" ]; then  # as run_demo.sh: one thread per process when other jobs share the cores
-    load=$(cut -d' ' -f1 /proc/loadavg) cores=$(nproc --all)
-    if awk -v l="$load" -v n="$cores" 'BEGIN { exit !(l >= n) }'; then
-        export OMP_NUM_THREADS=1
-        echo "sweep: machine busy (load average $load on $cores cores): one thread per process"
-    fi
-fi
+source demo/common.sh sweep
 
 RUNS=$SWEEP_DIR/runs
 SFT_RUN=$RUNS/sft
 mkdir -p "$RUNS" "$DATA_DIR"
-declare -A T
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 start_all=$(now)
 
 # As run_demo.sh: short sequences, no sampling during training-time evaluation, no wandb; held-out pairs are
