@@ -423,9 +423,10 @@ class BasicTrainer:
                 all_metrics[k].extend(v)
             if self.config.sample_during_eval and i < n_sample_batches:
                 policy_samples, reference_samples = self.get_batch_samples(local)
-                for j, prompt in enumerate(local['prompt']):
-                    samples.append({'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
-                                    'reference': reference_samples[j] if reference_samples else None})
+                local_samples = [{'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
+                                  'reference': reference_samples[j] if reference_samples else None}
+                                 for j, prompt in enumerate(local['prompt'])]
+                samples += utils.all_gather_objects(local_samples, self.data_world_size)  # the whole batch, in order
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
         self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
