@@ -45,6 +45,52 @@ def missing_keys(config: DictConfig, prefix: str = '') -> list:
     return keys
 
 
+# Numeric keys and their valid values. A value outside them would crash later (batch_size=0 divides by zero)
+# or train on nothing (n_examples=-4, n_epochs=0). Whole numbers: key -> (least, greatest or None, null allowed).
+WHOLE_NUMBER_KEYS = {
+    'batch_size': (1, None, False), 'eval_batch_size': (1, None, False), 'gradient_accumulation_steps': (1, None, False),
+    'n_epochs': (1, None, True), 'n_examples': (1, None, True), 'n_eval_examples': (0, None, True),
+    'n_eval_model_samples': (0, None, False), 'warmup_steps': (0, None, False), 'max_length': (1, None, False),
+    'max_prompt_length': (1, None, False), 'eval_every': (1, None, False), 'checkpoint_every': (1, None, True),
+    'keep_checkpoints': (1, None, True), 'max_nonfinite_updates': (1, None, False), 'seed': (0, 2**32 - 1, False),
+    'fsdp_port': (1, 65535, True),
+}
+# Real numbers: key -> (test, what passes it); a loss.* key is checked where the chosen loss has it.
+REAL_KEYS = {
+    'lr': (lambda v: v > 0, 'a positive number'), 'max_grad_norm': (lambda v: v > 0, 'a positive number'),
+    'eval_fraction': (lambda v: 0 <= v < 1, 'a number in [0, 1)'), 'loss.beta': (lambda v: v > 0, 'a positive number'),
+    'loss.alpha': (lambda v: v >= 0, 'a number >= 0'),
+    'loss.label_smoothing': (lambda v: 0 <= v < 0.5, 'a number in [0, 0.5)'),
+}
+OPTIMIZERS = ('RMSprop', 'AdamW', 'Adam', 'SGD')  # torch.optim classes
+
+
+def is_number(value, whole: bool = False) -> bool:
+    return isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+
+
+def shown(value) -> str:
+    """A value as the user writes it on the command line."""
+    return 'null' if value is None else repr(value)
+
+
+def check_numbers(config: DictConfig):
+    """Every numeric key holds a number in its range."""
+    for key, (least, greatest, nullable) in WHOLE_NUMBER_KEYS.items():
+        value = config[key]
+        if value is None and nullable:
+            continue
+        if not is_number(value, whole=True) or value < least or (greatest is not None and value > greatest):
+            valid = f'{least}..{greatest}' if greatest is not None else f'>= {least}'
+            raise ConfigError(f'{key} must be {"null or " if nullable else ""}a whole number {valid}, got {shown(value)}')
+    for key, (valid, what) in REAL_KEYS.items():
+        if key.startswith('loss.') and key[len('loss.'):] not in config.loss:
+            continue
+        value = OmegaConf.select(config, key)
+        if not (is_number(value) and valid(value)):
+            raise ConfigError(f'{key} must be {what}, got {shown(value)}')
+
+
 def check_config(config: DictConfig, world_size: int = 1):
     """Fail before any model is loaded, naming every missing key or the key that is wrong.
     world_size: the number of processes the run will have."""
@@ -56,6 +102,14 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'unknown trainer={config.trainer!r}; valid: {", ".join(TRAINERS)}')
     if config.loss.name != 'sft' and config.loss.name not in PREFERENCE_LOSSES:
         raise ConfigError(f'unknown loss.name={config.loss.name!r}; valid: sft, {", ".join(PREFERENCE_LOSSES)}')
+    if config.optimizer not in OPTIMIZERS:
+        raise ConfigError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(OPTIMIZERS)}')
+    if config.loss.get('divergence', 'reverse_kl') not in ('reverse_kl', 'forward_kl'):
+        raise ConfigError(f'unknown loss.divergence={config.loss.divergence!r}; valid: reverse_kl, forward_kl')
+    check_numbers(config)
+    for key in ['datasets', 'local_dirs'] + (['eval_datasets'] if config.eval_datasets is not None else []):
+        if not (OmegaConf.is_list(config[key]) and len(config[key]) > 0):
+            raise ConfigError(f'{key} must be a non-empty list (e.g. {key}=[a,b]), got {shown(config[key])}')
     trainer_class = TRAINERS[config.trainer]
     if world_size > 1 and not trainer_class.distributed:
         raise ConfigError(f'trainer={config.trainer} runs in one process, not {world_size}: use '
@@ -66,19 +120,13 @@ def check_config(config: DictConfig, world_size: int = 1):
                           f'({config.gradient_accumulation_steps}) x world size ({data_parallel})')
     if config.eval_batch_size % data_parallel:
         raise ConfigError(f'eval_batch_size={config.eval_batch_size} must be divisible by the world size ({data_parallel})')
-    if not 0 < config.max_prompt_length < config.max_length:
+    if not config.max_prompt_length < config.max_length:
         raise ConfigError(f'need 0 < max_prompt_length ({config.max_prompt_length}) < max_length ({config.max_length})')
-    if 'beta' in config.loss and not config.loss.beta > 0:
-        raise ConfigError(f'loss.beta must be positive, got {config.loss.beta}')
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError('set n_epochs or n_examples (both are null)')
-    for key in ('eval_every', 'checkpoint_every'):
+    for key in ('n_examples', 'eval_every', 'checkpoint_every'):  # n_examples: whole batches only
         if config[key] is not None and config[key] < config.batch_size:
             raise ConfigError(f'{key}={config[key]} is smaller than batch_size={config.batch_size}')
-    if config.keep_checkpoints is not None and config.keep_checkpoints < 1:
-        raise ConfigError(f'keep_checkpoints must be null or >= 1, got {config.keep_checkpoints}')
-    if config.max_nonfinite_updates < 1:
-        raise ConfigError(f'max_nonfinite_updates must be >= 1, got {config.max_nonfinite_updates}')
     if config.stats_impl not in token_stats.STATS_IMPLS:
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
     if config.on_bad_example not in ('error', 'skip'):

@@ -224,9 +224,6 @@ class BasicTrainer:
             utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
                               f"using 'chunked'")
             self.stats_impl = 'chunked'
-        optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
-        if config.optimizer not in optimizers:
-            raise ValueError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(optimizers)}')
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
@@ -426,9 +423,10 @@ class BasicTrainer:
                 all_metrics[k].extend(v)
             if self.config.sample_during_eval and i < n_sample_batches:
                 policy_samples, reference_samples = self.get_batch_samples(local)
-                for j, prompt in enumerate(local['prompt']):
-                    samples.append({'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
-                                    'reference': reference_samples[j] if reference_samples else None})
+                local_samples = [{'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
+                                  'reference': reference_samples[j] if reference_samples else None}
+                                 for j, prompt in enumerate(local['prompt'])]
+                samples += utils.all_gather_objects(local_samples, self.data_world_size)  # the whole batch, in order
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
         self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
@@ -461,7 +459,7 @@ class BasicTrainer:
         c = self.config
         per_epoch = len(self.train_examples) // c.batch_size * c.batch_size
         limits = [n // c.batch_size * c.batch_size for n in (c.n_examples, c.n_epochs and c.n_epochs * per_epoch) if n]
-        return min(limits)
+        return min(limits, default=0)  # 0: fewer examples than one batch; train_batches says so
 
     def checkpoint(self, metrics: Optional[Dict] = None):
         """A resumable step-N/ checkpoint; pending training metrics are logged first, so that a resumed

@@ -66,6 +66,15 @@ def all_gather_if_needed(values: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(gathered)
 
 
+def all_gather_objects(objects: List, world_size: int) -> List:
+    """Concatenate a list of picklable objects from every rank, in rank order (identity in a single process)."""
+    if world_size == 1:
+        return objects
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, objects)
+    return [o for rank_objects in gathered for o in rank_objects]
+
+
 def init_distributed(rank: int, world_size: int):
     """Join the process group: nccl with one GPU per process (LOCAL_RANK under torchrun), gloo on CPU.
     The rendezvous address is MASTER_ADDR/MASTER_PORT from the environment (torchrun's, or train.py's)."""

@@ -33,6 +33,46 @@ def test_every_model_and_loss_composes(model, loss):
         train.check_config(config)
 
 
+# each bad value (and the key it must name) crashed later or trained on nothing before check_config caught it
+BAD_VALUES = [
+    (['batch_size=0'], 'batch_size'), (['batch_size=-2'], 'batch_size'), (['batch_size=2.5'], 'batch_size'),
+    (['batch_size=abc'], 'batch_size'), (['gradient_accumulation_steps=0'], 'gradient_accumulation_steps'),
+    (['eval_batch_size=0'], 'eval_batch_size'), (['lr=-1'], 'lr'), (['lr=0'], 'lr'), (['optimizer=Adagrad'], 'optimizer'),
+    (['n_epochs=0', 'n_examples=null'], 'n_epochs'), (['n_epochs=0'], 'n_epochs'), (['n_examples=-4'], 'n_examples'),
+    (['n_examples=2'], 'n_examples'), (['n_eval_examples=-1'], 'n_eval_examples'),
+    (['n_eval_model_samples=-1'], 'n_eval_model_samples'), (['warmup_steps=-1'], 'warmup_steps'),
+    (['max_grad_norm=0'], 'max_grad_norm'), (['max_grad_norm=-1'], 'max_grad_norm'), (['max_length=0'], 'max_length'),
+    (['max_prompt_length=0'], 'max_prompt_length'), (['eval_every=null'], 'eval_every'), (['eval_every=0'], 'eval_every'),
+    (['checkpoint_every=-8'], 'checkpoint_every'), (['keep_checkpoints=0'], 'keep_checkpoints'),
+    (['max_nonfinite_updates=0'], 'max_nonfinite_updates'), (['seed=-1'], 'seed'), (['eval_fraction=1.0'], 'eval_fraction'),
+    (['eval_fraction=-0.1'], 'eval_fraction'), (['fsdp_port=70000'], 'fsdp_port'),
+    (['loss=tdpo', 'loss.beta=-0.1'], 'loss.beta'), (['loss=tdpo', 'loss.alpha=-1'], 'loss.alpha'),
+    (['loss=dpo', 'loss.beta=0.1', 'loss.label_smoothing=0.7'], 'loss.label_smoothing'),
+    (['loss=dpo', 'loss.beta=0.1', 'loss.divergence=js'], 'loss.divergence'),
+    (['datasets=[]'], 'datasets'), (['datasets=hh'], 'datasets'), (['local_dirs=[]'], 'local_dirs'),
+    (['eval_datasets=[]'], 'eval_datasets'),
+]
+
+
+@pytest.mark.parametrize('overrides, key', BAD_VALUES)
+def test_bad_values_are_one_config_error_naming_the_key(overrides, key):
+    with pytest.raises(train.ConfigError) as error:
+        train.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]))
+    message = str(error.value)
+    assert '\n' not in message and re.search(rf'(^|\W){re.escape(key)}\W', message), message
+
+
+@pytest.mark.parametrize('overrides', [
+    ['n_eval_examples=0'], ['n_eval_examples=null'], ['n_eval_model_samples=0'], ['warmup_steps=0'], ['seed=0'],
+    ['n_epochs=null', 'n_examples=4'], ['n_examples=4', 'checkpoint_every=null'], ['eval_fraction=0'],
+    ['max_grad_norm=inf'], ['batch_size=1', 'eval_every=1'], ['fsdp_port=29500'], ['loss=tdpo', 'loss.alpha=0'],
+    ['loss=dpo', 'loss.beta=0.1', 'loss.label_smoothing=0.1', 'loss.divergence=forward_kl'],
+    ['datasets=[hh,shp]', 'eval_datasets=[hh]'], ['eval_datasets=null'],
+])
+def test_edge_values_that_train_pass(overrides):
+    train.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]))
+
+
 def test_tdpo2_is_the_default_tdpo():
     config = compose_config(['loss=tdpo', 'exp_name=x'])
     assert config.loss.if_tdpo2 is True and config.loss.alpha == 0.5 and config.loss.beta == 0.1

@@ -16,7 +16,7 @@ import torch
 from helpers import CACHE, ROOT, write_hh_file
 
 COMMON = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
-          'max_prompt_length=32', 'eval_fraction=0.25', 'n_eval_examples=8', 'n_eval_model_samples=2',
+          'max_prompt_length=32', 'eval_fraction=0.25', 'n_eval_examples=8', 'n_eval_model_samples=4',
           'optimizer=SGD', 'lr=1e-2', 'warmup_steps=0', 'n_examples=8', 'eval_every=8',
           'minimum_log_interval_secs=0', 'wandb.enabled=false']
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
@@ -31,6 +31,11 @@ def run(launcher, args):
 
 def read_metrics(run_dir):
     with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_samples(run_dir):
+    with open(os.path.join(run_dir, 'samples.jsonl')) as f:
         return [json.loads(line) for line in f]
 
 
@@ -56,7 +61,8 @@ def assert_same_run(expected_dir, got_dir):
 def test_fsdp_and_tensor_parallel_equal_basic_trainer(tmp_path, loss):
     args = [*COMMON, f'loss={loss}', f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]']
     basic = str(tmp_path / 'basic')
-    run([sys.executable], [*args, 'exp_name=basic', f'local_run_dir={basic}', 'sample_during_eval=false'])
+    run([sys.executable], [*args, 'exp_name=basic', f'local_run_dir={basic}',
+                           *([] if loss == 'tdpo' else ['sample_during_eval=false'])])
     metrics = read_metrics(basic)
     assert [m['step'] for m in metrics if m['split'] == 'train'] == [4, 8]
     assert [m['split'] for m in metrics] == ['eval', 'train', 'train', 'eval']
@@ -76,13 +82,20 @@ def test_fsdp_and_tensor_parallel_equal_basic_trainer(tmp_path, loss):
     assert_same_run(basic, fsdp)
     assert {'policy.pt', 'scheduler.pt', 'sharded'} <= set(os.listdir(os.path.join(fsdp, 'LATEST')))
     if loss == 'tdpo':
-        with open(os.path.join(fsdp, 'samples.jsonl')) as f:
-            assert [json.loads(line)['step'] for line in f] == [0, 0, 8, 8]
+        # each evaluation logs n_eval_model_samples (4) samples, of the prompts BasicTrainer samples, in its order:
+        # rank 0 sampled the first two, rank 1 the last two
+        expected = [(s['step'], s['prompt']) for s in read_samples(basic)]
+        assert [step for step, _ in expected] == [0] * 4 + [8] * 4 and len({prompt for _, prompt in expected}) == 4
+        samples = read_samples(fsdp)
+        assert [(s['step'], s['prompt']) for s in samples] == expected
+        assert all(isinstance(s['policy'], str) and isinstance(s['reference'], str) for s in samples)
 
     tp = str(tmp_path / 'tp')
     run(TORCHRUN, [*args, 'trainer=TensorParallelTrainer', 'gradient_accumulation_steps=2', 'exp_name=tp',
                    f'local_run_dir={tp}', *([] if loss == 'tdpo' else ['sample_during_eval=false'])])
     assert_same_run(basic, tp)
+    if loss == 'tdpo':  # tensor-parallel ranks sample the whole batch together: the same prompts
+        assert [(s['step'], s['prompt']) for s in read_samples(tp)] == expected
 
     if loss == 'tdpo':
         # the HF export of the sharded policy holds the full final weights

@@ -1,12 +1,16 @@
 """A real (single-node) Slurm cluster runs the project's sbatch scripts and Hydra's submitit launcher:
 a 2-process TDPO job on CPU through slurm/multi_node.sbatch (srun + torchrun rendezvous from the Slurm
-environment), an SFT job through slurm/single_node.sbatch, and one `train.py -m hydra/launcher=slurm` run.
+environment), an SFT job through slurm/single_node.sbatch, one `train.py -m hydra/launcher=slurm` run, and a
+preemption signal to each script's batch shell (checkpoint, requeue, resume).
 `bash slurm/cluster.sh start` starts the cluster (.ci/run does it first); this module does it if needed."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +80,70 @@ def test_hydra_submitit_launcher_submits_to_slurm(slurm_cluster, tmp_path):
     with open(job_logs[0]) as f:
         assert f'run directory: {run_dir}' in f.read()
     assert [m['step'] for m in read_metrics(run_dir)] == [4]
+
+
+def job_history(job_id):
+    """State and exit code of each run of a job, from Slurm's accounting (which can lag squeue a moment)."""
+    for _ in range(60):
+        history = subprocess.run(['sacct', '-n', '-X', '-D', '-j', job_id, '-o', 'State,ExitCode'], capture_output=True,
+                                 text=True).stdout.split()
+        if history and history[-2] not in ('PENDING', 'RUNNING', 'REQUEUED', 'COMPLETING'):
+            return history
+        time.sleep(0.5)
+    return history
+
+
+def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """What `#SBATCH --signal=B:TERM@120` (or B:USR1) does before the time limit, done now with `scancel --batch`:
+    the signal reaches only the batch shell. multi_node.sbatch passes it on to torchrun on every node (here a
+    SIGTERM); single_node.sbatch runs as torchrun, which must pass on a SIGUSR1 too. The training processes
+    checkpoint step-N, the job requeues itself, and the requeued job resumes from step-N and completes, logging
+    each step once. Both jobs run at once (one CPU each) to keep the test short."""
+    data = write_hh_file(tmp_path / 'pairs.jsonl')
+    cpu = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=1', '--mem=6G', '--time=20',
+           f'--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},OMP_NUM_THREADS=1,HF_HUB_OFFLINE=1']
+    jobs = {}  # script -> (job id, signal, run dir, output file)
+    try:
+        for script, signal_name in (('multi_node.sbatch', 'TERM'), ('single_node.sbatch', 'USR1')):
+            run_dir, output = tmp_path / script.split('.')[0], tmp_path / f'{script}.out'
+            proc = subprocess.run(['sbatch', '--parsable', f'--job-name=test_{os.getpid()}_preempt', f'--output={output}',
+                                   *cpu, os.path.join('slurm', script), *TINY, 'loss=tdpo', f'datasets=[{data}]',
+                                   'exp_name=preempt', f'local_run_dir={run_dir}', 'n_examples=32',
+                                   'stats_impl=naive'],  # naive: no torch.compile, so each start is shorter
+                                  cwd=ROOT, capture_output=True, text=True, check=True)
+            jobs[script] = (proc.stdout.strip().split(';')[0], signal_name, run_dir, output)
+        signalled, deadline = set(), time.time() + 900
+        while time.time() < deadline:
+            for script, (job_id, signal_name, run_dir, _) in jobs.items():
+                # after the first update the training processes handle the signal
+                if script not in signalled and (run_dir / 'metrics.jsonl').exists():
+                    subprocess.run(['scancel', f'--signal={signal_name}', '--batch', job_id], check=True)
+                    signalled.add(script)
+            if not subprocess.run(['squeue', '-h', '-j', ','.join(j[0] for j in jobs.values())],
+                                  capture_output=True, text=True).stdout.strip():
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f'jobs still queued or running after 15 min: {jobs}')
+    finally:
+        for job_id, *_ in jobs.values():
+            subprocess.run(['scancel', job_id], capture_output=True)
+
+    for script, (job_id, signal_name, run_dir, output) in jobs.items():
+        log = output.read_text()
+        stopped = re.search(rf'stopped by signal (\d+) after (\d+) examples; checkpoint in '
+                            rf'{re.escape(str(run_dir))}/step-(\d+)', log)
+        assert stopped and int(stopped[1]) == getattr(signal, f'SIG{signal_name}'), log[-6000:]
+        step = int(stopped[2])
+        assert 4 <= step < 32 and int(stopped[3]) == step
+        requeued = log.index(f'requeueing Slurm job {job_id}')
+        assert log.index(f'resumed from {run_dir}/step-{step} after {step} examples') > requeued, log[-6000:]
+        assert log.rstrip().endswith(f'run directory: {run_dir}'), log[-3000:]
+        # the requeued run continued the interrupted one: every update logged once, in order
+        assert [m['step'] for m in read_metrics(run_dir) if m['split'] == 'train'] == list(range(4, 36, 4))
+        assert os.path.exists(os.path.join(run_dir, 'LATEST', 'policy.pt'))
+        # requeued while its batch shell still ran (exit code 0:0): a shell killed by the signal (0:15) ends the job
+        # at once, leaving the training processes only Slurm's KillWait instead of the --signal window
+        assert job_history(job_id) == ['REQUEUED', '0:0', 'COMPLETED', '0:0']
+        if script == 'multi_node.sbatch':
+            assert f'batch script: received SIG{signal_name}; passing it on' in log

@@ -98,20 +98,35 @@ def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
     (['loss=sft', 'exp_name=x', 'model=nope'], "Could not find 'model/nope'"),
     (['loss=sft', 'exp_name=x', 'trainer=Nope'], 'valid: BasicTrainer'),
     (['loss=dpo', 'exp_name=x'], 'loss.beta'),
-    (['loss=tdpo', 'exp_name=x', 'loss.beta=0'], 'loss.beta must be positive'),
+    (['loss=tdpo', 'exp_name=x', 'loss.beta=0'], 'loss.beta must be a positive number'),
     (['loss=sft', 'exp_name=x', 'batch_size=6', 'gradient_accumulation_steps=4'], 'must be divisible'),
     (['loss=sft', 'exp_name=x', 'max_prompt_length=512', 'max_length=512'], 'max_prompt_length'),
     (['loss=sft', 'exp_name=x', 'keep_checkpoints=0'], 'keep_checkpoints'),
     (['loss=sft', 'exp_name=x', 'on_bad_example=ignore'], 'valid: error, skip'),
     (['loss=sft', 'exp_name=x', 'resume_from=/nonexistent/step-8'], 'not a complete checkpoint directory'),
+    # these divided by zero, raised in the trainer after the models were loaded, or exited 0 after no update
+    (['loss=sft', 'exp_name=x', 'batch_size=0'], 'config error: batch_size must be a whole number >= 1, got 0'),
+    (['loss=sft', 'exp_name=x', 'optimizer=Adagrad'], "config error: unknown optimizer='Adagrad'"),
+    (['loss=sft', 'exp_name=x', 'n_examples=-4'], 'config error: n_examples must be null or a whole number >= 1'),
 ])
 def test_config_errors_are_clear(tmp_path, args, message):
-    code, out = run_train(['model=tiny', f'local_dirs=[{CACHE}]', *args], tmp_path, expect_ok=False)
+    run_dir = tmp_path / 'run'
+    code, out = run_train(['model=tiny', f'local_dirs=[{CACHE}]', f'local_run_dir={run_dir}', *args], tmp_path,
+                          expect_ok=False)
     assert code != 0 and message in out, out[-2000:]
-    assert 'Traceback' not in out
+    assert 'Traceback' not in out and not run_dir.exists()  # stopped before the run directory and any model
+    if message.startswith('config error:'):
+        assert out.strip().splitlines() == [out.strip()], out[-2000:]  # one line
 
 
 def test_unknown_dataset_lists_valid_names(tmp_path):
     code, out = run_train([*SMALL, 'loss=sft', 'exp_name=x', 'datasets=[nope]', f'local_run_dir={tmp_path}/r',
                            'wandb.enabled=false'], tmp_path, expect_ok=False)
     assert code != 0 and "unknown dataset 'nope'" in out and 'hh, shp, se' in out and 'Traceback' not in out
+
+
+def test_fewer_examples_than_one_batch_is_a_data_error(tmp_path):
+    data = write_hh_file(tmp_path / 'pairs.jsonl', n=3)
+    code, out = run_train([*SMALL, 'loss=sft', 'exp_name=x', f'datasets=[{data}]', f'local_run_dir={tmp_path}/r',
+                           'n_eval_examples=0', 'wandb.enabled=false'], tmp_path, expect_ok=False)
+    assert code != 0 and 'fewer than one batch of 4' in out and 'Traceback' not in out, out[-2000:]
