@@ -6,6 +6,7 @@ trainer runs one process per local GPU (spawned here), or one per process that t
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -193,11 +194,22 @@ def resume_checkpoint(config: DictConfig) -> Optional[str]:
 
 
 def requeue_slurm_job():
-    """Under Slurm, put this job back in the queue; with resume=true it continues where it stopped."""
+    """Under Slurm, put this job back in the queue; with resume=true it continues where it stopped. Not when
+    the sbatch scripts in slurm/ started the run (they set TDPO_BATCH_SCRIPT_REQUEUES=1): they requeue the job
+    once every training process has exited, as a requeue makes Slurm kill the job's processes. Not when Slurm
+    is ending the job (scancel, the time limit): a requeue would undo a scancel."""
     job_id = os.environ.get('SLURM_JOB_ID')
-    if job_id:
+    if not job_id or os.environ.get('TDPO_BATCH_SCRIPT_REQUEUES') == '1':
+        return
+    try:
+        state = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True, text=True).stdout.strip()
+        if state != 'RUNNING':
+            print(f'not requeueing Slurm job {job_id}: Slurm is ending it ({state or "gone"})', flush=True)
+            return
         print(f'requeueing Slurm job {job_id}', flush=True)
         subprocess.run(['scontrol', 'requeue', job_id], check=False)
+    except OSError as e:  # no Slurm commands here (e.g. in a container)
+        print(f'cannot requeue Slurm job {job_id}: {e}', flush=True)
 
 
 def prepare_run_dir(config: DictConfig, rank: int):
@@ -247,6 +259,10 @@ def worker_main(rank: int, world_size: int, config: DictConfig, resume_from: Opt
         sys.exit(f'training stopped: {e}')
     except trainers.Preempted as e:
         print(e, flush=True)
+        # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
+        # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()
         sys.exit(PREEMPTED_EXIT_CODE)

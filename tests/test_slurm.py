@@ -2,7 +2,9 @@
 a 2-process TDPO job on CPU through slurm/multi_node.sbatch (srun + torchrun rendezvous from the Slurm
 environment), an SFT job through slurm/single_node.sbatch, one `train.py -m hydra/launcher=slurm` run, and a
 preemption signal to each script's batch shell (checkpoint, requeue, resume).
-`bash slurm/cluster.sh start` starts the cluster (.ci/run does it first); this module does it if needed."""
+`bash slurm/cluster.sh start` starts the cluster (.ci/run does it first); this module does it if needed.
+Without Slurm (fake squeue and scontrol): who requeues a job after a preemption checkpoint, train.py or the batch
+script, and when."""
 import json
 import os
 import re
@@ -14,6 +16,7 @@ import time
 
 import pytest
 
+import train
 from helpers import CACHE, ROOT, write_hh_file
 
 TINY = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
@@ -147,3 +150,61 @@ def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, t
         assert job_history(job_id) == ['REQUEUED', '0:0', 'COMPLETED', '0:0']
         if script == 'multi_node.sbatch':
             assert f'batch script: received SIG{signal_name}; passing it on' in log
+
+
+def fake_slurm_job(tmp_path, state='RUNNING', **variables):
+    """The environment of a Slurm job without Slurm: SLURM_JOB_ID, a fake squeue that says the job is in `state`,
+    and a fake scontrol that appends its arguments to tmp_path/scontrol.calls."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    for command, script in (('squeue', f'echo {state}'), ('scontrol', f'echo "$@" >> {tmp_path / "scontrol.calls"}')):
+        (bin_dir / command).write_text(f'#!/bin/sh\n{script}\n')
+        (bin_dir / command).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != 'TDPO_BATCH_SCRIPT_REQUEUES'}
+    env.update(PATH=f'{bin_dir}:{env["PATH"]}', SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT, OMP_NUM_THREADS='1',
+               HF_HUB_OFFLINE='1')
+    return dict(env, **variables)
+
+
+def scontrol_calls(tmp_path):
+    calls = tmp_path / 'scontrol.calls'
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_train_py_requeues_its_job_when_it_is_the_jobs_own_process(tmp_path):
+    """SIGUSR1 to `python train.py` started directly by a batch script (a Slurm job without Slurm: fake squeue and
+    scontrol): it checkpoints, requeues the job itself, and exits 75."""
+    data = write_hh_file(tmp_path / 'pairs.jsonl')
+    run_dir = tmp_path / 'run'
+    proc = subprocess.Popen([sys.executable, '-u', 'train.py', *TINY, 'loss=tdpo', f'datasets=[{data}]', 'exp_name=requeue',
+                             f'local_run_dir={run_dir}', 'n_examples=4000', 'stats_impl=naive'], cwd=ROOT,
+                            env=fake_slurm_job(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not (run_dir / 'metrics.jsonl').exists():  # after the first update the trainer handles the signal
+            assert proc.poll() is None, proc.communicate()[0][-4000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, out[-4000:]
+    stopped = re.search(rf'stopped by signal 10 after \d+ examples; checkpoint in {re.escape(str(run_dir))}/step-\d+', out)
+    assert stopped and out.index('requeueing Slurm job 4242') > stopped.start(), out[-4000:]
+    assert scontrol_calls(tmp_path) == ['requeue 4242']
+
+
+@pytest.mark.parametrize('variables, state, requeued, says', [
+    ({}, 'RUNNING', True, 'requeueing Slurm job 4242'),
+    ({'TDPO_BATCH_SCRIPT_REQUEUES': '1'}, 'RUNNING', False, ''),
+    ({}, 'COMPLETING', False, 'not requeueing Slurm job 4242: Slurm is ending it (COMPLETING)'),
+    ({'SLURM_JOB_ID': ''}, 'RUNNING', False, '')], ids=['job_process', 'under_batch_script', 'cancelled', 'no_slurm'])
+def test_train_py_requeues_only_when_no_batch_script_will_and_slurm_is_not_ending_the_job(
+        tmp_path, monkeypatch, capsys, variables, state, requeued, says):
+    """The decision train.py takes after a preemption checkpoint: requeue the job itself only as the job's own
+    process (not started by slurm/*.sbatch, which requeue it once the training processes have ended) and only
+    while the job runs (after `scancel JOB` a requeue would undo the cancel)."""
+    for key, value in fake_slurm_job(tmp_path, state, **variables).items():
+        monkeypatch.setenv(key, value)
+    train.requeue_slurm_job()
+    assert scontrol_calls(tmp_path) == (['requeue 4242'] if requeued else [])
+    assert capsys.readouterr().out.strip() == says
