@@ -1,7 +1,7 @@
 """A real (single-node) Slurm cluster runs the project's sbatch scripts and Hydra's submitit launcher:
 a 2-process TDPO job on CPU through slurm/multi_node.sbatch (srun + torchrun rendezvous from the Slurm
 environment), an SFT job through slurm/single_node.sbatch, one `train.py -m hydra/launcher=slurm` run, and a
-preemption signal to each script's batch shell (checkpoint, requeue, resume).
+preemption signal to each script's batch shell (checkpoint, exit 75, requeue, resume).
 `bash slurm/cluster.sh start` starts the cluster (.ci/run does it first); this module does it if needed.
 Without Slurm (fake squeue and scontrol): who requeues a job after a preemption checkpoint, train.py or the batch
 script, and when."""
@@ -86,11 +86,14 @@ def test_hydra_submitit_launcher_submits_to_slurm(slurm_cluster, tmp_path):
 
 
 def job_history(job_id):
-    """State and exit code of each run of a job, from Slurm's accounting (which can lag squeue a moment)."""
+    """[JobID, State, ExitCode] of each run of a job and of its steps, from Slurm's accounting (which can lag
+    squeue a moment)."""
     for _ in range(60):
-        history = subprocess.run(['sacct', '-n', '-X', '-D', '-j', job_id, '-o', 'State,ExitCode'], capture_output=True,
-                                 text=True).stdout.split()
-        if history and history[-2] not in ('PENDING', 'RUNNING', 'REQUEUED', 'COMPLETING'):
+        history = [line.split('|') for line in subprocess.run(
+            ['sacct', '-n', '-P', '-D', '-j', job_id, '-o', 'JobID,State,ExitCode'], capture_output=True,
+            text=True).stdout.splitlines()]
+        runs = [state for job, state, _ in history if job == job_id]
+        if runs and runs[-1] not in ('PENDING', 'RUNNING', 'REQUEUED', 'COMPLETING'):
             return history
         time.sleep(0.5)
     return history
@@ -98,10 +101,11 @@ def job_history(job_id):
 
 def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
     """What `#SBATCH --signal=B:TERM@120` (or B:USR1) does before the time limit, done now with `scancel --batch`:
-    the signal reaches only the batch shell. multi_node.sbatch passes it on to torchrun on every node (here a
-    SIGTERM); single_node.sbatch runs as torchrun, which must pass on a SIGUSR1 too. The training processes
-    checkpoint step-N, the job requeues itself, and the requeued job resumes from step-N and completes, logging
-    each step once. Both jobs run at once (one CPU each) to keep the test short."""
+    the signal reaches only the batch shell, which passes it on to the training processes (multi_node.sbatch: a
+    SIGTERM to the job's steps on every node; single_node.sbatch: a SIGUSR1 to torchrun's processes). They
+    checkpoint step-N and exit 75; only then the batch script requeues the job and exits 75, and the requeued job
+    resumes from step-N and completes, logging each step once. Both jobs run at once (one CPU each) to keep the
+    test short."""
     data = write_hh_file(tmp_path / 'pairs.jsonl')
     cpu = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=1', '--mem=6G', '--time=20',
            f'--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},OMP_NUM_THREADS=1,HF_HUB_OFFLINE=1']
@@ -139,17 +143,25 @@ def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, t
         assert stopped and int(stopped[1]) == getattr(signal, f'SIG{signal_name}'), log[-6000:]
         step = int(stopped[2])
         assert 4 <= step < 32 and int(stopped[3]) == step
-        requeued = log.index(f'requeueing Slurm job {job_id}')
-        assert log.index(f'resumed from {run_dir}/step-{step} after {step} examples') > requeued, log[-6000:]
+        # both training processes exited 75 (torchrun's summary), then the batch script requeued the job
+        assert len(re.findall(r'exitcode\s*: 75 ', log)) == 2, log[-6000:]
+        requeued = log.index(f'batch script: the training processes checkpointed and exited 75; requeueing Slurm '
+                             f'job {job_id} and exiting 75')
+        assert stopped.start() < requeued < log.index(f'resumed from {run_dir}/step-{step} after {step} examples')
+        assert not re.search(r'^requeueing Slurm job', log, re.MULTILINE), 'train.py requeued the job itself'
         assert log.rstrip().endswith(f'run directory: {run_dir}'), log[-3000:]
         # the requeued run continued the interrupted one: every update logged once, in order
         assert [m['step'] for m in read_metrics(run_dir) if m['split'] == 'train'] == list(range(4, 36, 4))
         assert os.path.exists(os.path.join(run_dir, 'LATEST', 'policy.pt'))
-        # requeued while its batch shell still ran (exit code 0:0): a shell killed by the signal (0:15) ends the job
-        # at once, leaving the training processes only Slurm's KillWait instead of the --signal window
-        assert job_history(job_id) == ['REQUEUED', '0:0', 'COMPLETED', '0:0']
-        if script == 'multi_node.sbatch':
-            assert f'batch script: received SIG{signal_name}; passing it on' in log
+        # accounting: the job was requeued (the job's own exit code of a requeued run is 0:0), then completed; the
+        # first run's batch script (and multi_node's training step: srun) exited 75. A batch shell killed by the
+        # signal (0:15) would have ended the job at once, leaving the training processes only Slurm's KillWait.
+        history = job_history(job_id)
+        assert [run[1:] for run in history if run[0] == job_id] == [['REQUEUED', '0:0'], ['COMPLETED', '0:0']], history
+        steps = ['batch', '0'] if script == 'multi_node.sbatch' else ['batch']
+        for step in steps:
+            assert next(run[1:] for run in history if run[0] == f'{job_id}.{step}') == ['FAILED', '75:0'], history
+        assert log.index(f'batch script: received SIG{signal_name}; passing it on') < stopped.start()
 
 
 def fake_slurm_job(tmp_path, state='RUNNING', **variables):
@@ -208,3 +220,53 @@ def test_train_py_requeues_only_when_no_batch_script_will_and_slurm_is_not_endin
     train.requeue_slurm_job()
     assert scontrol_calls(tmp_path) == (['requeue 4242'] if requeued else [])
     assert capsys.readouterr().out.strip() == says
+
+
+# stands in for `$PYTHON slurm/torchrun.py ...`: one training process (its child), which runs a few seconds and exits
+# $EXIT_CODE, or exits $EXIT_ON_SIGNAL once it gets SIGTERM or SIGUSR1; exits with that process's exit code
+FAKE_TORCHRUN = """#!/bin/bash
+bash -c 'trap "exit $EXIT_ON_SIGNAL" TERM USR1; touch "$STARTED"; for _ in $(seq 30); do sleep 0.1; done; exit $EXIT_CODE' &
+wait $!
+"""
+
+
+@pytest.mark.parametrize('state, signalled, exit_on_signal, exit_code', [
+    ('RUNNING', True, 75, 0), ('RUNNING', True, 0, 0), ('RUNNING', False, 0, 3), ('COMPLETING', True, 75, 0)],
+    ids=['checkpointed', 'finished_as_the_signal_came', 'failed', 'cancelled'])
+def test_batch_script_requeues_only_after_the_training_processes_exit_75(tmp_path, state, signalled, exit_on_signal,
+                                                                         exit_code):
+    """single_node.sbatch's logic (slurm/run_training.sh) run by bash without Slurm: a SIGUSR1 to the batch shell
+    reaches the training process; exit 75 (a checkpoint) makes the script requeue the job, unless Slurm is ending it
+    (scancel), and exit 75; exit 0 (training finished, even as the signal came) and a failure (exit 3) end the job
+    with that code, unrequeued."""
+    fake_torchrun = tmp_path / 'fake_torchrun'
+    fake_torchrun.write_text(FAKE_TORCHRUN)
+    fake_torchrun.chmod(0o755)
+    started = tmp_path / 'started'
+    env = fake_slurm_job(tmp_path, state, PYTHON=str(fake_torchrun), NPROC_PER_NODE='2', STARTED=str(started),
+                         EXIT_ON_SIGNAL=str(exit_on_signal), EXIT_CODE=str(exit_code))
+    proc = subprocess.Popen(['bash', 'slurm/single_node.sbatch', 'model=tiny'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while not started.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        if signalled:
+            proc.send_signal(signal.SIGUSR1)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    expected = exit_on_signal if signalled else exit_code
+    assert proc.returncode == expected, out
+    assert ('batch script: received SIGUSR1; passing it on to the training processes' in out) == signalled
+    if expected == 75 and state == 'RUNNING':
+        assert scontrol_calls(tmp_path) == ['requeue 4242']
+        assert 'batch script: the training processes checkpointed and exited 75; requeueing Slurm job 4242 and ' \
+               'exiting 75' in out
+    elif expected == 75:
+        assert scontrol_calls(tmp_path) == []
+        assert 'batch script: the training processes checkpointed and exited 75; not requeueing Slurm job 4242, ' \
+               'which Slurm is ending (COMPLETING); exiting 75' in out
+    else:
+        assert scontrol_calls(tmp_path) == [] and 'requeueing Slurm job' not in out
+        assert ('batch script: the training processes failed (exit code 3); not requeueing' in out) == (expected == 3)
