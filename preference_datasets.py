@@ -5,18 +5,17 @@ masked batches.
 A data set becomes `{prompt: {'responses': [str], 'pairs': [(i_chosen, i_rejected)], 'sft_target': str,
 'truncation_mode': 'keep_end' | 'keep_start'}}` (chat rows add their token ids: 'prompt_ids' and
 'response_ids'), is tokenized once into `Example`s, and `batch_iterator` shuffles and collates them into
-the batches the trainers consume. Files and hub ids are read by `data_sources.py`.
+the batches the trainers consume. Files and hub ids are read by `data_sources.py`, chat rows tokenized by
+`chat_tokens.py`, the tokenized examples cached by `tokenized_cache.py`.
 
 `python preference_datasets.py [--split train|test] [--n N] [--json OUT.jsonl] -- <train.py overrides>`
 shows what train.py would train on (see `main`).
 """
 import argparse
-import functools
 import hashlib
 import json
 import os
 import random
-import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 import torch
 from tqdm import tqdm
 
+import chat_tokens
 import data_sources
 import tokenized_cache
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
@@ -157,98 +157,14 @@ def get_se(split: str, silent: bool = False, cache_dir: Optional[str] = None, on
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat rows: token ids exactly as the chat template gives them, message content kept as text
-# ---------------------------------------------------------------------------------------------
-
-_MARK = re.compile('\ue000(\\d+)\ue001')  # a placeholder for special-token text inside a message
-
-
-@functools.lru_cache(maxsize=8)
-def _special_pattern(specials: Tuple[str, ...]) -> 're.Pattern':
-    return re.compile('(' + '|'.join(map(re.escape, specials)) + ')')
-
-
-def _specials(tokenizer) -> Tuple[Tuple[str, ...], frozenset]:
-    """The tokenizer's special-token strings (longest first) and their ids: what `tokenizer(text)` turns
-    into one id each and `split_special_tokens=True` leaves as text."""
-    tokens = [t for t in tokenizer.added_tokens_decoder.values() if t.special]
-    return (tuple(sorted({t.content for t in tokens}, key=lambda s: (-len(s), s))),
-            frozenset(tokenizer.convert_tokens_to_ids([t.content for t in tokens])))
-
-
-def _mark_messages(messages: List[Dict], specials: Tuple[str, ...], table: List[str]) -> List[Dict]:
-    """Messages whose special-token text (and our placeholder characters) is replaced by placeholders
-    recorded in `table`, so the rendered template's own special tokens are the only ones left."""
-    pattern = _special_pattern(specials + ('\ue000', '\ue001'))
-
-    def mark(match):
-        table.append(match.group(0))
-        return f'\ue000{len(table) - 1}\ue001'
-    return [{**m, 'content': pattern.sub(mark, m['content'])} for m in messages]
-
-
-def _unmark(marked: str, table: List[str]) -> str:
-    return _MARK.sub(lambda m: table[int(m.group(1))], marked) if table else marked
-
-
-def _marked_ids(tokenizer, marked: str, table: List[str]) -> List[int]:
-    """Token ids of rendered template text: its special tokens are special, message content is text."""
-    if not table:  # no special-token text in any message: exactly what tokenizer(text) gives at inference
-        return tokenizer(marked, add_special_tokens=False)['input_ids']
-    ids = []
-    for i, part in enumerate(_special_pattern(_specials(tokenizer)[0]).split(marked)):
-        if i % 2:
-            ids.append(tokenizer.convert_tokens_to_ids(part))
-        elif part:
-            ids += tokenizer(_unmark(part, table), add_special_tokens=False, split_special_tokens=True)['input_ids']
-    return ids
-
-
-def _chat_pair(tokenizer, prompt: List[Dict], responses: List[List[Dict]], where: str) -> Pair:
-    """Prompt ids = the template of the prompt messages with the generation prompt; each response = the
-    continuation of the whole conversation's template, ending with its end-of-turn token (the whitespace
-    a template puts after it is not part of the response; without one, EOS is appended)."""
-    if not getattr(tokenizer, 'chat_template', None):
-        raise DataError(f'{where}: chat-message rows need a tokenizer with a chat template')
-    if prompt[-1]['role'] == 'assistant':
-        raise DataError(f"{where}: the prompt ends with an assistant message; it must end with the turn the "
-                        f"response answers")
-    specials, special_ids = _specials(tokenizer)
-    table = []
-    prompt, responses = _mark_messages(prompt, specials, table), [_mark_messages(r, specials, table) for r in responses]
-    try:
-        prompt_marked = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full_marked = [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in responses]
-    except Exception as e:  # the template's own checks (e.g. roles must alternate) raise all kinds of errors
-        raise DataError(f'{where}: the chat template rejects these messages: {str(e).splitlines()[0]}') from e
-    prompt_ids = _marked_ids(tokenizer, prompt_marked, table)
-    texts, ids = [], []
-    for name, full in zip(('chosen', 'rejected'), full_marked):
-        if not full.startswith(prompt_marked):
-            raise DataError(f'{where}: the chat template renders the prompt differently with the {name} response appended')
-        rest = full[len(prompt_marked):]
-        full_ids = _marked_ids(tokenizer, full, table)
-        # the response's ids are the conversation's after the prompt's; where the tokens at the boundary
-        # merge differently (a response starting with newlines), the continuation is tokenized on its own
-        response_ids = (full_ids[len(prompt_ids):] if full_ids[:len(prompt_ids)] == prompt_ids
-                        else _marked_ids(tokenizer, rest, table))
-        last = max((i for i, t in enumerate(response_ids) if t in special_ids), default=None)
-        if last is not None and not tokenizer.decode(response_ids[last + 1:]).strip():
-            response_ids = response_ids[:last + 1]
-            rest = rest[:[m.start() for m in _special_pattern(specials).finditer(rest)][-1]]
-        else:
-            response_ids = response_ids + [tokenizer.eos_token_id]
-        text = _unmark(rest, table)
-        if not text.strip():
-            raise DataError(f'{where}: empty {name}')
-        texts.append(text)
-        ids.append(response_ids)
-    return Pair(_unmark(prompt_marked, table), texts[0], texts[1], 'keep_end', (prompt_ids, ids[0], ids[1]))
-
-
-# ---------------------------------------------------------------------------------------------
 # Rows in TRL's preference formats (and HH dialogues)
 # ---------------------------------------------------------------------------------------------
+
+def _chat_pair(tokenizer, prompt: List[Dict], responses: List[List[Dict]], where: str) -> Pair:
+    prompt_text, (chosen, rejected), prompt_ids, (chosen_ids, rejected_ids) = chat_tokens.conversation_ids(
+        tokenizer, prompt, responses, where)
+    return Pair(prompt_text, chosen, rejected, 'keep_end', (prompt_ids, chosen_ids, rejected_ids))
+
 
 def _kind(value, key: str, where: str) -> str:
     """'text' or 'messages' (a non-empty list of {'role', 'content'} objects with string values)."""
@@ -491,7 +407,7 @@ def load_examples(names: List[str], tokenizer, split: str, max_length: int, max_
     """Tokenized examples of every named data set, from the on-disk cache when it has them (built once,
     by one of the processes that arrive at the same time; the others wait and read it)."""
     columns = {**COLUMNS, **(columns or {})}
-    specials, _ = _specials(tokenizer)
+    specials, _ = chat_tokens.special_tokens(tokenizer)
     key = tokenized_cache.key([TOKENIZATION_VERSION, [data_sources.fingerprint(n) for n in names], split,
                                tokenizer.name_or_path, len(tokenizer), tokenizer.eos_token_id, specials,
                                getattr(tokenizer, 'chat_template', None), max_length, max_prompt_length, sft_mode,
