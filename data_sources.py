@@ -68,11 +68,12 @@ def resolve(name: str) -> Tuple[str, str, Optional[str]]:
 
 
 def is_local_file(name: str) -> bool:
-    """Whether a `datasets=[...]` entry names a local file or directory (existing or not)."""
+    """Whether a name is a local data file (by its suffix; existing or not) or an existing directory."""
     try:
-        return resolve(name)[0] in ('file', 'disk')
+        kind, path, _ = resolve(name)
     except DataError:
         return False
+    return kind == 'disk' or (kind == 'file' and path.endswith(LOCAL_SUFFIXES))
 
 
 def fingerprint(name: str):
