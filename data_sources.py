@@ -34,7 +34,7 @@ def load_hub(path: str, name: str, cache_dir: Optional[str], **kwargs):
         stem = name.replace('/', '_').replace(':', '-')
         raise DataError(
             f"cannot load data set {name!r} ({path}) from the Hugging Face hub or its local cache: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}\n"
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. "
             f"Offline, download it elsewhere and name the local file or directory instead, e.g. "
             f"datasets=[/path/to/{stem}.jsonl] (one JSON object per line: 'prompt'/'chosen'/'rejected', or HH-format "
             f"'chosen'/'rejected' dialogues), or a directory written by datasets' save_to_disk. See README 'Data'.") from e

@@ -97,7 +97,9 @@ def load(path: str, make_example: Callable, vocab_size: int) -> Tuple[List, List
 @contextlib.contextmanager
 def _exclusive(lock_path: str, say: Callable[[str], None]):
     """An OS lock (flock) on lock_path for the block; released when the process ends, however it ends.
-    Where locks are unavailable (some network file systems), the block runs unlocked: writes stay atomic."""
+    Where locks are unavailable (some network file systems), the block runs unlocked: writes stay atomic.
+    The lock file is removed after the block: a process still waiting on it then finds the entry written
+    (or, if the block failed, builds it again, perhaps beside a newcomer: duplicate work, never a torn file)."""
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, 'O_NOFOLLOW', 0), 0o666)
     except OSError:
@@ -114,6 +116,8 @@ def _exclusive(lock_path: str, say: Callable[[str], None]):
         yield
     finally:
         if fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(lock_path)
             os.close(fd)
 
 
