@@ -29,7 +29,6 @@ import data_sources
 import tokenized_cache
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
 
-HUB_DATASETS = data_sources.REFERENCE_DATASETS
 ASSISTANT, HUMAN = '\n\nAssistant:', '\n\nHuman:'
 COLUMNS = {'prompt': 'prompt', 'chosen': 'chosen', 'rejected': 'rejected'}  # config.data_columns' defaults
 # Bump when parsing or tokenization changes, so stale caches are not reused.
