@@ -195,7 +195,8 @@ def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
     """Distinct prompts of a local preference file (any format train.py reads: HH dialogues, explicit
     `prompt`/`chosen`/`rejected` rows, chat messages), whole and in file order, rendered as for training."""
     if not preference_datasets.is_local_file(path):
-        raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz or .json file of preference pairs')
+        raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz, .json or .parquet file, or a '
+                         f'save_to_disk directory, of preference pairs')
     prompts = list(preference_datasets.get_local(path, 'test', tokenizer, eval_fraction=1.0))  # 1.0: every row
     return prompts[:n] if n else prompts
 

@@ -25,6 +25,15 @@ import utils
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
 OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
 
+
+def compose_config(overrides) -> DictConfig:
+    """The config that `python train.py <overrides>` runs with (Hydra's compose API on the same config/),
+    for tools that need it without running (`python preference_datasets.py`)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config'),
+                               version_base=None):
+        return compose('config', overrides=list(overrides))
+
 TRAINERS = {cls.__name__: cls for cls in (trainers.BasicTrainer, trainers.FSDPTrainer, trainers.TensorParallelTrainer)}
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues

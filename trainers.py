@@ -203,16 +203,10 @@ class BasicTrainer:
         self.preference_loss = None if self.is_sft else build_preference_loss(config.loss)
         cache_dir = utils.get_local_dir(config.local_dirs)
         self.tokenizer = utils.load_tokenizer(config.model, cache_dir)
-        data = dict(tokenizer=self.tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                    sft_mode=self.is_sft, cache_dir=cache_dir, silent=rank != 0, on_bad_example=config.on_bad_example)
-        # Local files hold out eval_fraction of their prompts, unless eval data is named: then the
-        # training files are used whole, and so are the named eval files.
-        held_out = config.eval_fraction if not config.eval_datasets else 0.0
-        self.train_examples = preference_datasets.load_examples(config.datasets, split='train', eval_fraction=held_out, **data)
+        self.train_examples = preference_datasets.load_split(config, self.tokenizer, 'train', cache_dir, silent=rank != 0)
         self.eval_examples = []
         if config.n_eval_examples:
-            eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test',
-                                                              eval_fraction=1.0 if config.eval_datasets else held_out, **data)
+            eval_examples = preference_datasets.load_split(config, self.tokenizer, 'test', cache_dir, silent=rank != 0)
             random.Random(seed).shuffle(eval_examples)
             n_eval = min(config.n_eval_examples, len(eval_examples))
             self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
