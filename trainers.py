@@ -219,11 +219,8 @@ class BasicTrainer:
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
-        self.stats_impl = config.stats_impl
-        if self.stats_impl == 'fused' and (not self.can_fuse_stats or token_stats.output_head(self.policy) is None):
-            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
-                              f"using 'chunked'")
-            self.stats_impl = 'chunked'
+        self.stats_impl = self.choose_stats_impl()
+        self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
         optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
         if config.optimizer not in optimizers:
             raise ValueError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(optimizers)}')
@@ -333,6 +330,30 @@ class BasicTrainer:
 
     # ---- forward and metrics -------------------------------------------------------------------
 
+    def choose_stats_impl(self) -> str:
+        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: a trainer whose
+        models must run their own forward, or an output layer that is not a plain linear map on a device."""
+        if self.config.stats_impl != 'fused' or self.is_sft:
+            return self.config.stats_impl
+        if not self.can_fuse_stats or token_stats.output_head(self.policy) is None:
+            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
+                              f"using 'chunked'")
+            return 'chunked'
+        return 'fused'
+
+    def check_fused_stats(self, batch: Dict):
+        """Once per run, on the first preference batch: the logits the fused statistics stand for (final
+        hidden states @ output weight) must equal each model's own; if not, use 'chunked' (saying why)."""
+        if self.stats_impl != 'fused' or self.fused_stats_checked:
+            return
+        self.fused_stats_checked = True
+        ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
+        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask)
+                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask))
+        if self.any_rank(problem is not None):
+            utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
+            self.stats_impl = 'chunked'
+
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
         """Chosen and rejected through the policy in one pass and through the reference in one pass
         (no grad) -> per-sequence statistics for the chosen half and the rejected half, computed as
@@ -364,6 +385,7 @@ class BasicTrainer:
             chosen_logps = _get_batch_logps(logits, batch['chosen_labels'])
             losses = -chosen_logps
         else:
+            self.check_fused_stats(batch)
             chosen, rejected = self.concatenated_forward(batch)
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
             chosen_logps = chosen.logps

@@ -1,9 +1,10 @@
 """BasicTrainer on model=tiny: the one concatenated forward equals separate forwards, gradient
-accumulation equals one large batch, and every preference loss logs the reference's metrics."""
-
+accumulation equals one large batch, and every preference loss logs the reference's metrics; the fused
+statistics check themselves on the first batch."""
 import pytest
 import torch
 
+import token_stats
 import trainers
 from helpers import make_trainer, write_hh_file
 
@@ -86,3 +87,73 @@ def test_named_eval_files_are_used_whole_and_so_are_training_files(tmp_path):
     assert len(trainer.train_examples) == 48 and len(trainer.eval_examples) == 10
     held_out = make_trainer(tmp_path / 'split', n_eval_examples=100, eval_fraction=0.25)
     assert 0 < len(held_out.eval_examples) < 48 and len(held_out.train_examples) + len(held_out.eval_examples) == 48
+
+
+# ---- issue 14: the fused statistics check themselves ----
+
+def scale_logits(model, factor):
+    """Make `model` a subclass whose forward multiplies its logits by `factor`: its config and output layer
+    look plain, so only a numerical check can tell that its logits are not final hidden states @ weight."""
+    class ScaledLogits(type(model)):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * factor
+            return output
+    model.__class__ = ScaledLogits
+
+
+def test_fused_stats_check_falls_back_to_chunked_when_the_forward_scales_logits(tmp_path, capsys):
+    trainer = make_trainer(tmp_path)
+    for model in (trainer.policy, trainer.reference_model):
+        scale_logits(model, 1.5)
+    assert trainer.stats_impl == 'fused'  # output_head cannot see the scaling
+    batch = next(iter(trainer.train_batches()))
+    inputs = trainers.concatenated_inputs(batch)
+    ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+    with torch.no_grad():  # what the run must compute: the statistics of the models' own logits
+        want = trainers._tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
+                                              trainer.reference_model(ids, attention_mask=mask).logits, labels)
+        unchecked, _ = trainer.concatenated_forward(batch)  # the fused path unchecked: wrong statistics
+        assert not torch.allclose(unchecked.position_kl, want[1][:4], rtol=1e-2)
+        _, metrics = trainer.get_batch_metrics(batch)
+    out = capsys.readouterr().out
+    assert trainer.stats_impl == 'chunked' and out.count("using 'chunked'") == 1, out
+    assert "stats_impl=fused: ScaledLogits's own logits differ from its final hidden states @ output weight" in out
+    torch.testing.assert_close(torch.tensor(metrics['kl_train/chosen']), want[1][:4], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(metrics['kl_train/rejected']), want[1][4:], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        trainer.get_batch_metrics(batch)
+    assert "using 'chunked'" not in capsys.readouterr().out  # one message per run
+
+
+def test_fused_stats_check_keeps_fused_for_a_plain_model(tmp_path, capsys, monkeypatch):
+    trainer = make_trainer(tmp_path)
+    calls = []
+    check = token_stats.fused_head_mismatch
+    monkeypatch.setattr(token_stats, 'fused_head_mismatch', lambda *a: calls.append(1) or check(*a))
+    batch = next(iter(trainer.train_batches()))
+    for _ in range(2):
+        with torch.no_grad():
+            trainer.get_batch_metrics(batch)
+    assert trainer.stats_impl == 'fused' and trainer.fused_stats_checked
+    assert len(calls) == 2  # policy and reference, on the first batch only
+    assert "using 'chunked'" not in capsys.readouterr().out
+
+
+def test_offloaded_output_layer_uses_chunked(tmp_path, capsys):
+    """device_map='balanced' offloads what does not fit (accelerate keeps such weights on 'meta' and loads
+    them inside the forward): the fused path cannot read the output weight, so the trainer uses chunked."""
+    import accelerate
+    trainer = make_trainer(tmp_path)
+    batch = next(iter(trainer.train_batches()))
+    trainer.stats_impl = 'naive'
+    with torch.no_grad():
+        want, _ = trainer.concatenated_forward(batch)
+    accelerate.cpu_offload(trainer.policy, execution_device=torch.device('cpu'))
+    assert trainer.policy.get_output_embeddings().weight.device.type == 'meta'
+    assert trainer.choose_stats_impl() == 'chunked' and "using 'chunked'" in capsys.readouterr().out
+    trainer.stats_impl = 'chunked'
+    with torch.no_grad():
+        got, _ = trainer.concatenated_forward(batch)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
