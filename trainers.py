@@ -184,8 +184,9 @@ class NonFiniteError(RuntimeError):
 class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
-    Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
+    Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
+    `clip_gradient`, `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class
+    attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -235,6 +236,17 @@ class BasicTrainer:
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
 
     # ---- hooks ---------------------------------------------------------------------------------
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        """The dtype the policy's forward computes in: its weights' (FSDPTrainer: its mixed precision)."""
+        return model_config.policy_dtype
+
+    @classmethod
+    def reference_dtype(cls, model_config: DictConfig) -> str:
+        """model.reference_dtype, or where it is null the policy's compute dtype: a reference equal to the
+        policy then computes exactly what the policy does (SeqKL 0 and loss log 2 at the start)."""
+        return model_config.reference_dtype or cls.policy_compute_dtype(model_config)
 
     def wrap_models(self, policy, reference_model):
         """Place the models; a model already split over GPUs by device_map stays where it is."""
@@ -662,6 +674,10 @@ class FSDPTrainer(ShardedTrainer):
     parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
     and backward, and trains on its slice of each batch."""
     can_fuse_stats = False  # the root module's forward unshards embeddings and head; the fused path skips it
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        return model_config.fsdp_policy_mp or model_config.policy_dtype
 
     def wrap_models(self, policy, reference_model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

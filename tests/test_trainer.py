@@ -1,12 +1,14 @@
 """BasicTrainer on model=tiny: the one concatenated forward equals separate forwards, gradient
 accumulation equals one large batch, and every preference loss logs the reference's metrics; the fused
-statistics check themselves on the first batch."""
+statistics check themselves on the first batch; the reference computes in the policy's precision."""
+import math
+
 import pytest
 import torch
 
 import token_stats
 import trainers
-from helpers import make_trainer, write_hh_file
+from helpers import compose_config, make_trainer, write_hh_file
 
 
 def test_concatenated_forward_equals_separate_forwards(tmp_path):
@@ -89,7 +91,7 @@ def test_named_eval_files_are_used_whole_and_so_are_training_files(tmp_path):
     assert 0 < len(held_out.eval_examples) < 48 and len(held_out.train_examples) + len(held_out.eval_examples) == 48
 
 
-# ---- issue 14: the fused statistics check themselves ----
+# ---- issue 14: the fused statistics check themselves; the reference computes as the policy does ----
 
 def scale_logits(model, factor):
     """Make `model` a subclass whose forward multiplies its logits by `factor`: its config and output layer
@@ -157,3 +159,40 @@ def test_offloaded_output_layer_uses_chunked(tmp_path, capsys):
         got, _ = trainer.concatenated_forward(batch)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('trainer_name, overrides, expected', [
+    ('BasicTrainer', {}, 'float32'),
+    ('BasicTrainer', {'policy_dtype': 'bfloat16'}, 'bfloat16'),
+    ('BasicTrainer', {'fsdp_policy_mp': 'bfloat16'}, 'float32'),       # BasicTrainer has no mixed precision
+    ('FSDPTrainer', {'fsdp_policy_mp': 'bfloat16'}, 'bfloat16'),
+    ('TensorParallelTrainer', {'policy_dtype': 'bfloat16'}, 'bfloat16'),
+    ('FSDPTrainer', {'fsdp_policy_mp': 'bfloat16', 'reference_dtype': 'float16'}, 'float16'),  # explicit wins
+    ('BasicTrainer', {'reference_dtype': 'float32', 'policy_dtype': 'bfloat16'}, 'float32'),
+])
+def test_reference_dtype_follows_the_policy_compute_dtype(trainer_name, overrides, expected):
+    config = compose_config(['exp_name=x', 'model=pythia28', *(f'model.{k}={v}' for k, v in overrides.items())])
+    assert getattr(trainers, trainer_name).reference_dtype(config.model) == expected
+
+
+@pytest.mark.parametrize('policy_dtype, reference_dtype, equal', [
+    ('float32', None, True), ('bfloat16', None, True), ('bfloat16', 'float32', False), ('float32', 'float16', False)])
+def test_policy_equal_to_reference_gives_zero_kl_and_log2_at_the_first_evaluation(tmp_path, policy_dtype,
+                                                                                    reference_dtype, equal):
+    """The default reference precision (null) is the policy's, so a run starting from policy == reference
+    logs SeqKL 0 and loss log 2 (to float32 rounding); a reference in another precision (explicit) does not.
+    initializer_range=0.3 gives the random model logits of a trained model's size (near 0, precision hardly
+    shows)."""
+    overrides = {'model.policy_dtype': policy_dtype, '+model.random_init.initializer_range': 0.3,
+                 'n_eval_examples': 8, 'eval_fraction': 0.25, 'eval_batch_size': 4, 'sample_during_eval': False}
+    if reference_dtype:
+        overrides['model.reference_dtype'] = reference_dtype
+    trainer = make_trainer(tmp_path, perturb=False, **overrides)
+    assert trainer.reference_model.dtype == getattr(torch, reference_dtype or policy_dtype)
+    metrics = trainer.evaluate()
+    kl = max(abs(metrics['kl_eval/chosen']), abs(metrics['kl_eval/rejected']))
+    loss_error = abs(metrics['loss/eval'] - math.log(2))
+    if equal:  # measured: KL <= 3e-6 (compiled float32 reductions round differently for z and r), loss <= 5e-8
+        assert kl < 1e-5 and loss_error < 1e-6, (kl, loss_error)
+    else:      # measured: KL 0.052 (bf16 policy, fp32 reference) and 6.7e-4 (fp32 policy, fp16 reference)
+        assert kl > 1e-4 and loss_error > 1e-5, (kl, loss_error)
