@@ -174,7 +174,8 @@ def test_fused_statistics_of_a_model_split_over_two_devices():
 
 E2E = [f'local_dirs=[{CACHE}]', 'loss=tdpo', 'batch_size=4', 'eval_batch_size=4', 'n_examples=16', 'eval_every=8',
        'n_eval_examples=8', 'eval_fraction=0.25', 'n_eval_model_samples=4', 'max_length=96', 'max_prompt_length=48',
-       'optimizer=AdamW', 'lr=1e-5', 'warmup_steps=0', 'minimum_log_interval_secs=0', 'wandb.enabled=false']
+       'optimizer=AdamW', 'lr=1e-4', 'warmup_steps=0', 'minimum_log_interval_secs=0', 'wandb.enabled=false']
+# lr 1e-4: pure bfloat16 weights (BasicTrainer's run) lose updates below their rounding (2⁻⁸ of the weight)
 
 
 def run_script(args, timeout=int(os.environ.get('GPU_TESTS_TIMEOUT', 300))):
@@ -204,7 +205,7 @@ def check_run(run_dir, output, fused):
     assert abs(evals[0]['kl_eval/chosen']) < 2e-3 and abs(evals[0]['kl_eval/rejected']) < 2e-3, evals[0]
     assert evals[0]['loss/eval'] == pytest.approx(math.log(2), abs=1e-4)
     assert all(math.isfinite(v) for m in metrics for k, v in m.items() if isinstance(v, float)), metrics
-    assert evals[-1]['kl_eval/chosen'] > 0 and evals[-1]['loss/eval'] != evals[0]['loss/eval']
+    assert evals[-1]['kl_eval/chosen'] > 10 * abs(evals[0]['kl_eval/chosen']) and evals[-1]['kl_eval/chosen'] > 0
     with open(os.path.join(run_dir, 'samples.jsonl')) as f:
         samples = [json.loads(line) for line in f]
     assert any(s['policy'].strip() for s in samples) and any(s['reference'].strip() for s in samples), samples
