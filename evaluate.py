@@ -120,23 +120,23 @@ def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: L
 # Loading what train.py wrote
 # ----------------------------------------------------------------------------------------------
 
-def _hf_model(path: str):
+def _hf_model(path: str, dtype: str):
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
-def _checkpoint_model(checkpoint: str):
+def _checkpoint_model(checkpoint: str, dtype: str):
     """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt."""
     run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
     cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-    model = utils.load_model(run_config.model, 'float32', cache_dir)
+    model = utils.load_model(run_config.model, dtype, cache_dir)
     model.load_state_dict(torch.load(os.path.join(checkpoint, 'policy.pt'), map_location='cpu',
                                      mmap=True, weights_only=False)['state'])
     return model, utils.load_tokenizer(run_config.model, cache_dir)
 
 
-def _config_model(name: str):
+def _config_model(name: str, dtype: str = 'float32'):
     """`model:<name>`: config/model/<name>.yaml (untrained), loaded as train.py loads it; from inside
     evaluate.py's Hydra app, or from a plain script (demo/sentiment.py)."""
     from hydra.core.global_hydra import GlobalHydra
@@ -148,7 +148,7 @@ def _config_model(name: str):
         with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
             config = hydra.compose('config', overrides=overrides)
     cache_dir = utils.get_local_dir(list(config.local_dirs))
-    return utils.load_model(config.model, 'float32', cache_dir), utils.load_tokenizer(config.model, cache_dir)
+    return utils.load_model(config.model, dtype, cache_dir), utils.load_tokenizer(config.model, cache_dir)
 
 
 def resolve_model_path(spec: str) -> Tuple[str, str]:
@@ -181,10 +181,24 @@ def examples_seen(kind: str, path: str) -> Optional[int]:
     return torch.load(state, weights_only=False)['example_counter']
 
 
-def load(spec: str):
-    """(model in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec."""
+def run_dtypes(kind: str, path: str) -> Tuple[str, str]:
+    """(policy, reference) dtypes that the training run behind a resolved model spec computed in (the
+    policy's under its trainer, and its reference's), read from the run's config.yaml, so that the KL
+    reported is the KL the run trained against; float32 for a model without a run (model:<name>, a
+    plain Hugging Face directory)."""
+    run_dir = {'checkpoint': os.path.dirname(path), 'hf': os.path.dirname(path) if os.path.basename(path) == 'hf'
+               else None}.get(kind)
+    if run_dir is None or not os.path.exists(os.path.join(run_dir, 'config.yaml')):
+        return 'float32', 'float32'
+    run_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
+    trainer_class = getattr(trainers, run_config.trainer)
+    return trainer_class.policy_compute_dtype(run_config.model), trainer_class.reference_dtype(run_config.model)
+
+
+def load(spec: str, dtype: str = 'float32'):
+    """(model in `dtype`, in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec."""
     kind, path = resolve_model_path(spec)
-    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'checkpoint': _checkpoint_model}[kind](path)
+    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'checkpoint': _checkpoint_model}[kind](path, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     utils.disable_dropout(model)
@@ -237,12 +251,13 @@ def evaluate(config: DictConfig) -> Dict:
     """The evaluation of one policy against its reference (see the module docstring) as a dict."""
     start = time.time()
     reward_fn = REWARDS[config.reward]
-    policy, tokenizer, kind, path = load(config.policy)
-    reference_key = (config.reference, config.prompts, config.n_prompts, config.samples_per_prompt,
+    policy_dtype, reference_dtype = run_dtypes(*resolve_model_path(config.policy))  # as the policy was trained
+    policy, tokenizer, kind, path = load(config.policy, policy_dtype)
+    reference_key = (config.reference, reference_dtype, config.prompts, config.n_prompts, config.samples_per_prompt,
                      config.max_new_tokens, config.seed, config.batch_size, config.reward)
     if reference_key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE.clear()
-        reference, _, _, reference_path = load(config.reference)
+        reference, _, _, reference_path = load(config.reference, reference_dtype)
         _REFERENCE_CACHE[reference_key] = {'model': reference, 'path': reference_path, 'scores': None}
     cached = _REFERENCE_CACHE[reference_key]
     reference = cached['model']
@@ -259,6 +274,7 @@ def evaluate(config: DictConfig) -> Dict:
               'prompts_file': os.path.abspath(config.prompts), 'n_prompts': len(distinct),
               'samples_per_prompt': config.samples_per_prompt, 'n_samples': len(prompts),
               'max_new_tokens': config.max_new_tokens, 'seed': config.seed, 'reward': config.reward,
+              'policy_dtype': policy_dtype, 'reference_dtype': reference_dtype,
               # Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses, and its standard error
               'kl': mean(kl['log_ratio']),
               'kl_stderr': stderr(kl['log_ratio']),

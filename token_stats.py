@@ -16,6 +16,10 @@ a = g_margin + g_logps and k = g_kl (indexed by the row's sequence), are
 Both autograd functions save only per-row scalars (lse(z), lse(r)) and recompute p and q, chunk by
 chunk, in backward. `fused_sequence_stats` additionally never builds logits: it recomputes
 z = h Wᵀ and r = h_ref W_refᵀ per chunk, and returns ∂/∂h = G W and ∂/∂W = Gᵀ h.
+
+A model split over several GPUs (device_map='balanced') leaves its final hidden states on the GPU of
+its last block, while a tied output layer sits with the input embedding on the first: the fused path
+computes on the output layer's device, moving only the response rows there (issue 14).
 """
 import os
 import warnings
@@ -145,6 +149,19 @@ def chunked_sequence_stats(logits: Tensor, reference_logits: Tensor, labels: Ten
                                rows, targets, seq, batch, _auto_chunk_rows(vocab, chunk_rows))
 
 
+def _project(h: Tensor, weight: Tensor, ref_h: Tensor, ref_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """One chunk's logits z = h Wᵀ and reference logits r = h_ref W_refᵀ, each computed where its output
+    layer is (h on W's device, h_ref on W_ref's), both returned on W's device."""
+    return h @ weight.T, (ref_h @ ref_weight.T).to(weight.device)
+
+
+def _response_hidden(hidden: Tensor, rows: Tensor, device: torch.device) -> Tensor:
+    """hidden (B, T, H) -> its rows `rows` (N, H) on `device`: gathered where the model left them, and
+    only those moved (differentiably: the gradient flows back to hidden's device)."""
+    batch, length, width = hidden.shape
+    return hidden.reshape(batch * length, width).index_select(0, rows.to(hidden.device)).to(device)
+
+
 class _FusedStats(torch.autograd.Function):
     """(h (N, H), W (V, H), h_ref (N, H), W_ref (V, H), targets, seq (N,), batch, chunk) -> 3 × (B,)."""
 
@@ -154,7 +171,7 @@ class _FusedStats(torch.autograd.Function):
         kl, lse_z, lse_r, zy, ry = (torch.empty(n, device=h.device) for _ in range(5))
         for s in range(0, n, chunk):
             c = slice(s, s + chunk)
-            z, r = h[c] @ weight.T, ref_h[c] @ ref_weight.T
+            z, r = _project(h[c], weight, ref_h[c], ref_weight)
             kl[c], lse_z[c], lse_r[c] = _run(_chunk_stats, z, r)
             zy[c], ry[c] = (x.gather(-1, targets[c].unsqueeze(-1)).view(-1) for x in (z, r))
         ctx.save_for_backward(h, weight, ref_h, ref_weight, targets, seq, lse_z, lse_r)
@@ -171,7 +188,7 @@ class _FusedStats(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None  # float32 sum
         for s in range(0, h.shape[0], ctx.chunk):
             c = slice(s, s + ctx.chunk)
-            z, r = h[c] @ weight.T, ref_h[c] @ ref_weight.T
+            z, r = _project(h[c], weight, ref_h[c], ref_weight)
             g = _run(_chunk_grad, z, r, targets[c], lse_z[c], lse_r[c], a[c], k[c], weight.dtype)
             if need_h:
                 grad_h[c] = g @ weight
@@ -192,14 +209,16 @@ def fused_sequence_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tenso
     reference; weight, reference_weight (V, H): bias-free output embeddings (may be tied to the input
     embedding). Only response rows are projected. Gradients flow into `hidden` and `weight`; the
     reference gets none. Backward recomputes both projections chunk by chunk (2 extra N×V×H matmuls).
-    Returns float32 (B,) (logps_margin, position_kl, logps).
+    The tensors may sit on different devices (a model split over GPUs): the statistics are computed on
+    `weight`'s device, the reference's projection on `reference_weight`'s.
+    Returns float32 (B,) (logps_margin, position_kl, logps), on `weight`'s device.
     """
     assert hidden.shape == reference_hidden.shape and hidden.shape[:-1] == labels.shape
-    batch, length, width = hidden.shape
-    rows, targets, seq = _response_rows(labels)
-    h = hidden.reshape(batch * length, width).index_select(0, rows)
-    ref_h = reference_hidden.detach().reshape(batch * length, width).index_select(0, rows)
-    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, batch,
+    device = weight.device
+    rows, targets, seq = _response_rows(labels.to(device))
+    h = _response_hidden(hidden, rows, device)
+    ref_h = _response_hidden(reference_hidden.detach(), rows, reference_weight.device)
+    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, hidden.shape[0],
                              _auto_chunk_rows(weight.shape[0], chunk_rows))
 
 
@@ -207,10 +226,12 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
     """The (V, H) weight of a HF causal LM's output layer if logits are exactly
     `final_hidden_states(...) @ weight.T` (a bias-free nn.Linear, no logit scale or soft-capping in
     the config), else None: then use 'chunked'. Unknown architectures with custom scaling in their
-    forward are not detectable from the config; `check_fused_head` verifies numerically."""
+    forward are not detectable from the config; `fused_head_mismatch` verifies numerically."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return None
+    if head.weight.device.type == 'meta':  # offloaded (accelerate, device_map with 'cpu'/'disk' entries):
+        return None                        # the real weight exists only inside the model's forward
     config = model.config.get_text_config() if hasattr(model.config, 'get_text_config') else model.config
     if getattr(config, 'final_logit_softcapping', None) or getattr(config, 'attn_logit_softcapping_final', None):
         return None
@@ -221,17 +242,36 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
 
 
 def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied)."""
+    """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied), on the
+    device of the model's last block (not necessarily the output layer's: see fused_sequence_stats)."""
     decoder = model.get_decoder() if hasattr(model, 'get_decoder') else model.base_model
     return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
 
+CHECK_SEQUENCES, CHECK_TOKENS = 2, 64  # what fused_head_mismatch compares: first tokens of the first sequences
+
+
 @torch.no_grad()
-def check_fused_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, atol: float = 1e-3) -> bool:
-    """True if model(...).logits == final_hidden_states(...) @ output_head(model).T on this input."""
+def fused_head_mismatch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Optional[str]:
+    """None if the model's own logits equal `final_hidden_states(...) @ output_head(model).T`, to the
+    rounding of the logits' dtype, on the first CHECK_TOKENS tokens of the first CHECK_SEQUENCES rows
+    of input_ids (B, T) (causal: those logits depend on nothing later); else one line saying how they
+    differ. A forward that scales or caps its logits outside the config names `output_head` knows
+    would otherwise get wrong fused statistics, silently."""
     weight = output_head(model)
     if weight is None:
-        return False
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    fused = (final_hidden_states(model, input_ids, attention_mask) @ weight.T).float()
-    return torch.allclose(logits, fused, atol=atol, rtol=1e-3)
+        return "the output layer is not a bias-free linear map on a device"
+    ids, mask = input_ids[:CHECK_SEQUENCES, :CHECK_TOKENS], attention_mask[:CHECK_SEQUENCES, :CHECK_TOKENS]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    fused = final_hidden_states(model, ids, mask).to(weight.device) @ weight.T
+    keep = mask.to(weight.device).bool()
+    if not keep.any():
+        return None
+    expected, actual = logits.to(weight.device)[keep].float(), fused[keep].float()
+    exact_fp32 = logits.dtype == torch.float32 and not (weight.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    tolerance = 1e-3 if exact_fp32 else 2 ** -5  # relative to the largest logit; bf16/fp16/TF32 round more
+    scale, error = expected.abs().max().item(), (actual - expected).abs().max().item()
+    if error <= tolerance * scale:
+        return None
+    return (f"{type(model).__name__}'s own logits differ from its final hidden states @ output weight "
+            f"(max |difference| {error:.3g} on logits up to {scale:.3g}): its forward must scale or cap them")

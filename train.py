@@ -143,12 +143,15 @@ def check_config(config: DictConfig, world_size: int = 1):
 
 
 def build_models(config: DictConfig, device_map=None):
-    """Policy, and for preference losses a frozen reference; both get `model.archive` weights if set."""
+    """Policy, and for preference losses a frozen reference (in `model.reference_dtype`, null: the dtype
+    the policy computes in under this trainer); both get `model.archive` weights if set."""
     cache_dir = utils.get_local_dir(config.local_dirs)
     policy = utils.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
     reference_model = None
     if config.loss.name in PREFERENCE_LOSSES:
-        reference_model = utils.load_model(config.model, config.model.reference_dtype, cache_dir, device_map=device_map)
+        reference_dtype = TRAINERS[config.trainer].reference_dtype(config.model)
+        utils.rank0_print(f'reference model in {reference_dtype}')
+        reference_model = utils.load_model(config.model, reference_dtype, cache_dir, device_map=device_map)
         reference_model.requires_grad_(False)
         reference_model.eval()
     if config.model.archive is not None:

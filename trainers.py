@@ -184,8 +184,9 @@ class NonFiniteError(RuntimeError):
 class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
-    Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
+    Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
+    `clip_gradient`, `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class
+    attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -213,11 +214,8 @@ class BasicTrainer:
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
-        self.stats_impl = config.stats_impl
-        if self.stats_impl == 'fused' and (not self.can_fuse_stats or token_stats.output_head(self.policy) is None):
-            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
-                              f"using 'chunked'")
-            self.stats_impl = 'chunked'
+        self.stats_impl = self.choose_stats_impl()
+        self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
@@ -229,6 +227,17 @@ class BasicTrainer:
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
 
     # ---- hooks ---------------------------------------------------------------------------------
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        """The dtype the policy's forward computes in: its weights' (FSDPTrainer: its mixed precision)."""
+        return model_config.policy_dtype
+
+    @classmethod
+    def reference_dtype(cls, model_config: DictConfig) -> str:
+        """model.reference_dtype, or where it is null the policy's compute dtype: a reference equal to the
+        policy then computes exactly what the policy does (SeqKL 0 and loss log 2 at the start)."""
+        return model_config.reference_dtype or cls.policy_compute_dtype(model_config)
 
     def wrap_models(self, policy, reference_model):
         """Place the models; a model already split over GPUs by device_map stays where it is."""
@@ -324,6 +333,30 @@ class BasicTrainer:
 
     # ---- forward and metrics -------------------------------------------------------------------
 
+    def choose_stats_impl(self) -> str:
+        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: a trainer whose
+        models must run their own forward, or an output layer that is not a plain linear map on a device."""
+        if self.config.stats_impl != 'fused' or self.is_sft:
+            return self.config.stats_impl
+        if not self.can_fuse_stats or token_stats.output_head(self.policy) is None:
+            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
+                              f"using 'chunked'")
+            return 'chunked'
+        return 'fused'
+
+    def check_fused_stats(self, batch: Dict):
+        """Once per run, on the first preference batch: the logits the fused statistics stand for (final
+        hidden states @ output weight) must equal each model's own; if not, use 'chunked' (saying why)."""
+        if self.stats_impl != 'fused' or self.fused_stats_checked:
+            return
+        self.fused_stats_checked = True
+        ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
+        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask)
+                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask))
+        if self.any_rank(problem is not None):
+            utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
+            self.stats_impl = 'chunked'
+
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
         """Chosen and rejected through the policy in one pass and through the reference in one pass
         (no grad) -> per-sequence statistics for the chosen half and the rejected half, computed as
@@ -355,6 +388,7 @@ class BasicTrainer:
             chosen_logps = _get_batch_logps(logits, batch['chosen_labels'])
             losses = -chosen_logps
         else:
+            self.check_fused_stats(batch)
             chosen, rejected = self.concatenated_forward(batch)
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
             chosen_logps = chosen.logps
@@ -632,6 +666,10 @@ class FSDPTrainer(ShardedTrainer):
     parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
     and backward, and trains on its slice of each batch."""
     can_fuse_stats = False  # the root module's forward unshards embeddings and head; the fused path skips it
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        return model_config.fsdp_policy_mp or model_config.policy_dtype
 
     def wrap_models(self, policy, reference_model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -14,7 +14,7 @@ excluded; the whole-run ru_maxrss is reported too) and torch.cuda.max_memory_all
 
   python bench/bench_tdpo_step.py --batch 4 --length 512 --vocab 49152 --vocab 151936 --steps 3 \
       --out bench/results-cpu.json
-  bash bench/gpu.sh            # CUDA, bf16, adds model FLOPs utilisation
+  bash bench/gpu_check.sh      # CUDA, bf16, a Llama-3.2-1B-shaped model (--shape llama-1b), adds model FLOPs utilisation
 """
 import argparse
 import copy
@@ -28,7 +28,15 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('lower_bound', 'naive', 'chunked', 'fused')
-PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'L40S': 362.0, 'A10': 125.0}
+# dense bf16 tensor-core peaks (vendor data sheets), matched in this order against the CUDA device name
+PEAK_BF16_TFLOPS = {'H100 PCIe': 756.0, 'H100 NVL': 835.0, 'H100': 989.0, 'H200': 989.0, 'GH200': 989.0,
+                    'A100': 312.0, 'L40S': 362.0}
+# model shapes (Llama architecture, tied embeddings): SmolLM2-135M's, and Llama-3.2-1B's (1.07B parameters
+# at vocabulary 49,152, 1.28B at 151,936)
+SHAPES = {'smollm2-135m': dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, head_dim=64),
+          'llama-1b': dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=64)}
 
 
 def parse_args(argv=None):
@@ -43,30 +51,38 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu')
     p.add_argument('--dtype', default=None, choices=['fp32', 'bf16'], help='default fp32 on CPU, bf16 on CUDA')
     p.add_argument('--threads', type=int, default=2)
-    p.add_argument('--layers', type=int, default=30, help='num_hidden_layers (30 = SmolLM2-135M)')
+    p.add_argument('--shape', default='smollm2-135m', choices=sorted(SHAPES), help='model shape (random init)')
+    p.add_argument('--layers', type=int, default=None, help="num_hidden_layers; default the shape's")
     p.add_argument('--peak-tflops', type=float, default=None, help='for MFU; default from the GPU name')
     p.add_argument('--out', default=None, help='JSON file for all results')
     p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def model_config(vocab, layers):
+def model_config(vocab, shape='smollm2-135m', layers=None):
     from transformers import LlamaConfig
-    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
-                       num_key_value_heads=3, vocab_size=vocab, tie_word_embeddings=True, rms_norm_eps=1e-5,
+    dims = dict(SHAPES[shape], **({'num_hidden_layers': layers} if layers else {}))
+    return LlamaConfig(**dims, vocab_size=vocab, tie_word_embeddings=True, rms_norm_eps=1e-5,
                        rope_theta=100000, max_position_embeddings=8192)
 
 
 def model_flops_per_step(policy, batch, length):
-    """Model FLOPs (no recomputation): 6·P·tokens for the policy, 2·P·tokens for the reference, P the
-    matmul parameters (all but the input embedding; the tied lm_head counts), plus causal attention."""
+    """Model FLOPs of one step (no recomputation counted): 3 forwards' worth for the policy (forward and
+    backward), 1 for the reference. A forward costs, per token, 2·P for P the weights of the linear layers
+    (attention and MLP projections and lm_head, tied or not; not the input embedding's lookup), plus causal
+    attention: QKᵀ and AV, each 2·T·(heads·head_dim) per layer for full attention, halved for causal."""
+    import torch
     cfg = policy.config
-    params = sum(p.numel() for p in policy.parameters())
-    if not cfg.tie_word_embeddings:
-        params -= policy.get_input_embeddings().weight.numel()
-    attention_fwd = 2 * cfg.num_hidden_layers * length * cfg.hidden_size  # QKᵀ and AV, causal half
+    params = sum(m.weight.numel() for m in policy.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, 'head_dim', None) or cfg.hidden_size // cfg.num_attention_heads
+    attention_fwd = 2 * cfg.num_hidden_layers * length * cfg.num_attention_heads * head_dim
     fwd_per_token = 2 * params + attention_fwd
     return (3 + 1) * fwd_per_token * batch * length
+
+
+def peak_tflops(device_name):
+    """The dense bf16 peak of a CUDA device by name, None if unknown (then pass --peak-tflops for MFU)."""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
 
 
 def make_batch(args, vocab, device):
@@ -95,7 +111,8 @@ def worker(args, variant, vocab):
     cuda = device.type == 'cuda'
     dtype = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(model_config(vocab, args.layers)).to(device=device, dtype=dtype)
+    with device:  # initialise on the device: a 1B model's random init on the CPU takes long
+        policy = LlamaForCausalLM(model_config(vocab, args.shape, args.layers)).to(dtype=dtype)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     policy.train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
@@ -159,11 +176,9 @@ def worker(args, variant, vocab):
                   compiled=token_stats.COMPILE, device=torch.cuda.get_device_name() if cuda else 'cpu',
                   flops_per_step=model_flops_per_step(policy, args.batch, args.length),
                   loadavg_1min_after=os.getloadavg()[0])
-    if cuda:
-        name = torch.cuda.get_device_name()
-        tflops = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        if tflops:
-            result['mfu'] = result['flops_per_step'] / result['step_s'] / (tflops * 1e12)
+    tflops = args.peak_tflops or (peak_tflops(result['device']) if cuda else None)
+    if tflops:  # model FLOPs utilisation (on a CPU only with --peak-tflops: the dry run of gpu_check.sh)
+        result['mfu'] = result['flops_per_step'] / result['step_s'] / (tflops * 1e12)
     print('RESULT ' + json.dumps(result), flush=True)
 
 
@@ -181,7 +196,9 @@ def main():
             cmd = [sys.executable, os.path.abspath(__file__), '--worker', f'{variant}:{vocab}',
                    '--batch', str(args.batch), '--length', str(args.length), '--prompt-length', str(args.prompt_length),
                    '--steps', str(args.steps), '--warmup', str(args.warmup), '--device', args.device,
-                   '--dtype', args.dtype, '--threads', str(args.threads), '--layers', str(args.layers)]
+                   '--dtype', args.dtype, '--threads', str(args.threads), '--shape', args.shape]
+            if args.layers:
+                cmd += ['--layers', str(args.layers)]
             if args.peak_tflops:
                 cmd += ['--peak-tflops', str(args.peak_tflops)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
