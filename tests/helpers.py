@@ -1,4 +1,5 @@
-"""Shared test fixtures: a synthetic HH-format data file, composed configs and a BasicTrainer on model=tiny."""
+"""Shared test fixtures: a synthetic HH-format data file, composed configs, a BasicTrainer on model=tiny, and a
+planted checkpoint that would create a file if it were unpickled."""
 import json
 import os
 
@@ -48,3 +49,17 @@ def make_trainer(tmp_path, loss='tdpo', **overrides):
         for p in trainer.policy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return trainer
+
+
+class Payload:
+    """Unpickling this creates the file `marker` (what a planted checkpoint could do)."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").close()',))
+
+
+def plant(path, marker):
+    """A reference-format checkpoint file that would create `marker` when unpickled."""
+    torch.save({'step_idx': 0, 'state': {'w': Payload(marker)}, 'metrics': {}}, path)
