@@ -4,7 +4,6 @@ which always runs too), real concurrent processes for the run-directory lock and
 truncated and torn files, the leftovers of a save killed between its renames, planted pickles that
 would create a file when unpickled, and directories planted in a shared scratch directory."""
 import collections
-import contextlib
 import getpass
 import json
 import os
@@ -22,7 +21,7 @@ import torch
 
 import checkpoints
 import utils
-from helpers import CACHE, ROOT, Payload, compose_config, plant, write_hh_file
+from helpers import CACHE, ROOT, Payload, compose_config, plant, small_tmpfs, write_hh_file
 
 STATE = {'policy.pt': {'w': torch.arange(6.0).reshape(2, 3)}, 'optimizer.pt': {'state': {}, 'param_groups': []}}
 
@@ -156,19 +155,6 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
 
 
 # ---- a full disk ------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def small_tmpfs(path, size):
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); '
-                    f'test_disk_full_by_fault_injection covers the case in-process')
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(['umount', '-l', str(path)], check=False)
-
 
 @pytest.mark.parametrize('sharded', [False, True])
 def test_disk_full_on_a_real_tmpfs(tmp_path, sharded):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import CACHE, ROOT, write_hh_file
+from helpers import CACHE, ROOT, small_tmpfs, write_hh_file
 
 COMMON = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
           'max_prompt_length=32', 'eval_fraction=0.25', 'n_eval_examples=8', 'n_eval_model_samples=2',
@@ -115,14 +115,8 @@ def test_sharded_checkpoint_on_a_full_disk_stops_every_rank_with_one_line(tmp_pa
     policy.pt; on a real 64 MB disk step-4 (51 MB: policy.pt and the shards) fits and step-8 does not: every
     rank stops, rank 0 says so in one line, the partial directory is gone and step-4 still verifies."""
     import checkpoints
-    disk = tmp_path / 'disk'
-    os.makedirs(disk)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(disk)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); tests/test_checkpoints.py '
-                    f'covers a full disk during a sharded write in one process')
-    try:
-        run_dir = str(disk / 'run')
+    with small_tmpfs(tmp_path / 'disk', '64m') as disk:
+        run_dir = os.path.join(disk, 'run')
         args = [*COMMON, 'loss=sft', f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]', 'trainer=FSDPTrainer',
                 'exp_name=full', f'local_run_dir={run_dir}', 'n_eval_examples=0', 'n_examples=12', 'checkpoint_every=4']
         proc = subprocess.run([*TORCHRUN, 'train.py', *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
@@ -134,5 +128,3 @@ def test_sharded_checkpoint_on_a_full_disk_stops_every_rank_with_one_line(tmp_pa
         assert 'checkpoints.py", line' not in out and 'trainers.py", line' not in out, out[-4000:]
         assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
         assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
-    finally:
-        subprocess.run(['umount', '-l', str(disk)], check=False)

@@ -20,7 +20,7 @@ import torch
 
 import checkpoints
 import trainers
-from helpers import CACHE, ROOT, make_trainer, plant, write_hh_file
+from helpers import CACHE, ROOT, make_trainer, plant, small_tmpfs, write_hh_file
 
 RUN = ['model=tiny', f'local_dirs=[{CACHE}]', 'loss=tdpo', 'batch_size=2', 'eval_batch_size=4', 'max_length=48',
        'max_prompt_length=24', 'n_examples=24', 'eval_every=8', 'n_eval_examples=4', 'eval_fraction=0.25',
@@ -256,29 +256,18 @@ def test_two_launches_of_one_run_the_second_stops_at_once_naming_the_holder(data
         assert steps == sorted(set(steps)), steps
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    path = tmp_path / 'disk'
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=40m', 'tmpfs', str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); tests/test_checkpoints.py '
-                    f'covers a full disk by fault injection')
-    yield str(path)
-    subprocess.run(['umount', '-l', str(path)], check=False)
-
-
-def test_full_disk_stops_the_run_with_one_line_and_removes_the_partial_checkpoint(data, tmpfs):
+def test_full_disk_stops_the_run_with_one_line_and_removes_the_partial_checkpoint(data, tmp_path):
     """A real 40 MB disk: config, metrics and step-4 (26 MB with RMSprop) fit, step-8 does not."""
-    run_dir = os.path.join(tmpfs, 'run')
-    out = run(f'datasets=[{data}]', f'local_run_dir={run_dir}', 'keep_checkpoints=1', expect=1)
-    # (on a line of its own, after the progress bars' cursor movements, which may also redraw a bar after it)
-    lines = [line[line.index('disk full'):] for line in out.splitlines() if 'disk full' in line]
-    assert len(lines) == 1 and 'Traceback' not in out, out[-3000:]
-    assert lines[0].startswith(f'disk full while writing checkpoint {run_dir}/step-8 (')
-    assert lines[0].endswith(f'; the previous checkpoints are intact: free space, then rerun with resume=true')
-    assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
-    assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
+    with small_tmpfs(tmp_path / 'disk', '40m') as disk:
+        run_dir = os.path.join(disk, 'run')
+        out = run(f'datasets=[{data}]', f'local_run_dir={run_dir}', 'keep_checkpoints=1', expect=1)
+        # (on a line of its own, after the progress bars' cursor movements, which may redraw a bar after it)
+        lines = [line[line.index('disk full'):] for line in out.splitlines() if 'disk full' in line]
+        assert len(lines) == 1 and 'Traceback' not in out, out[-3000:]
+        assert lines[0].startswith(f'disk full while writing checkpoint {run_dir}/step-8 (')
+        assert lines[0].endswith(f'; the previous checkpoints are intact: free space, then rerun with resume=true')
+        assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
+        assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
 
 
 def test_a_planted_checkpoint_stops_resume_with_one_line(data, uninterrupted, tmp_path):
