@@ -224,6 +224,9 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_config.name_or_path, **kwargs)
     model.hf_quantizer = None  # weights are dequantized already; this makes the model serializable
     del model.config.quantization_config
+    # under torch.distributed, transformers writes model files on rank 0 only; the rank converting here may be
+    # another, and the directory is this process's own until renamed
+    model.should_save_on_this_rank = lambda is_main_process: True
     tmp = f'{target}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

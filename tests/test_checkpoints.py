@@ -345,30 +345,44 @@ def test_run_dir_lock_names_the_holder_and_a_dead_holder_blocks_nothing(tmp_path
 
 
 CONVERT = textwrap.dedent('''
-    import sys
+    import os, sys, time
     sys.path.insert(0, {root!r})
+    import torch.distributed as dist
     import utils
     from helpers import compose_config
+    if 'RANK' in os.environ:  # torchrun: as in train.py, the cache is first used with the process group up
+        utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
+        if dist.get_rank() == 0:
+            time.sleep(3)  # rank 1 converts: transformers writes model files on rank 0 only, unless told
     config = compose_config(['model=tiny', 'exp_name=x'])
+    utils.load_model(config.model, 'float32', sys.argv[1])
     print('target', utils.resolve_model_source(config.model, sys.argv[1]), flush=True)
 ''')
 
 
-def test_concurrent_first_use_of_the_gguf_cache(tmp_path):
-    """Two processes (ranks, or two jobs on a node) dequantize the GGUF model into a fresh cache at once:
-    both get the complete model (the old code's second rename failed with 'Directory not empty')."""
+@pytest.mark.parametrize('launch', ['torchrun ranks', 'two jobs'])
+def test_concurrent_first_use_of_the_gguf_cache(tmp_path, launch):
+    """Two processes (torchrun's ranks, or two jobs on a node) dequantize the GGUF model into a fresh cache at
+    once: both get the complete model (the old code's second rename failed with 'Directory not empty')."""
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.path.join(ROOT, 'tests'))
-    procs = [subprocess.Popen([sys.executable, '-c', CONVERT.format(root=ROOT), str(tmp_path)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    script = tmp_path / 'convert.py'
+    script.write_text(CONVERT.format(root=ROOT))
+    cache = str(tmp_path / 'cache')
+    if launch == 'torchrun ranks':
+        commands = [[sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2',
+                     str(script), cache]]
+    else:
+        commands = [[sys.executable, str(script), cache]] * 2
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outs)
-    targets = {line.split(' ', 1)[1] for o in outs for line in o.splitlines() if line.startswith('target ')}
-    assert len(targets) == 1
+    assert [p.returncode for p in procs] == [0] * len(procs), '\n'.join(o[-3000:] for o in outs)
+    lines = [line for o in outs for line in o.splitlines()]
+    targets = {line.split(' ', 1)[1] for line in lines if line.startswith('target ')}
+    assert len(targets) == 1 and sum(line.startswith('target ') for line in lines) == 2
     target = targets.pop()
-    converted = [o for o in outs if any(line.startswith('converting ') for line in o.splitlines())]
-    assert len(converted) == 1, 'exactly one process converts'
-    assert any(line.startswith('waiting for another process to finish converting') for o in outs for line in o.splitlines())
-    assert os.path.exists(os.path.join(target, 'model.safetensors')) and os.path.exists(os.path.join(target, 'tokenizer.json'))
+    assert sum(line.startswith('converting ') for line in lines) == 1, 'exactly one process converts'
+    assert any(line.startswith('waiting for another process to finish converting') for line in lines)
+    assert {'config.json', 'model.safetensors', 'tokenizer.json'} <= set(os.listdir(target))
     assert [d for d in os.listdir(os.path.dirname(target)) if '.tmp' in d] == []
 
 
