@@ -9,7 +9,7 @@ module decides *how* it is written, checked and found, so that a run never loses
   why, and recover a checkpoint left under a temporary name by a save killed between its renames.
 - `load_file` loads with `weights_only=True`: tensors, numbers, strings and containers only. A file
   that needs code to unpickle is refused with one line naming it and `trust_checkpoint_code`.
-- `lock_run_dir` holds an exclusive OS lock on the run directory for the life of the run.
+- `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
 Never imports trainers.py.
 """
 import contextlib
