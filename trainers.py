@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+import checkpoints
 import preference_datasets
 import token_stats
 import utils
@@ -185,7 +186,7 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
-    `clip_gradient`, `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class
+    `clip_gradient`, `policy_state_dict`, `generate`, `checkpoint_files`, `load_model_state`, and the class
     attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
@@ -194,6 +195,8 @@ class BasicTrainer:
     can_fuse_stats = True
     # the ranks split each batch between them (data parallel); tensor-parallel ranks all see the whole batch
     splits_batches = True
+    # counters that training_state.pt holds and a resumed run continues from
+    RESUMED = ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak')
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
@@ -221,6 +224,7 @@ class BasicTrainer:
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
         self.last_eval = self.last_checkpoint = None
+        self.loaded_checkpoint = None  # (directory, examples seen) after a resume
         self.nonfinite_updates = self.nonfinite_streak = 0  # skipped updates: total, and in a row
         self.pending_metrics = defaultdict(list)  # training metrics not yet logged
         self.stop_signal = None
@@ -265,52 +269,48 @@ class BasicTrainer:
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
-    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """Write a checkpoint directory (default `<run_dir>/LATEST`): policy.pt, optimizer.pt and
-        scheduler.pt in the reference's format, and training_state.pt for resuming. The directory
-        appears only once complete."""
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        files = {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
-                 'scheduler.pt': self.scheduler.state_dict()}
-        if self.rank == 0:
-            with utils.atomic_directory(output_dir) as tmp:
-                self._write_checkpoint(tmp, files, metrics)
-            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+    def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
+        """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;
+        a state dict every rank writes its shards of, or None). Every rank calls it."""
+        return {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
+                'scheduler.pt': self.scheduler.state_dict()}, None
 
-    def _write_checkpoint(self, directory: str, files: Dict[str, Dict], metrics: Optional[Dict]):
-        for name, state in files.items():
-            torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}},
-                       os.path.join(directory, name))
-        torch.save(self.training_state(), os.path.join(directory, utils.CHECKPOINT_STATE))
+    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
+        """Write a checkpoint directory (default `<run_dir>/LATEST`) with checkpoints.save: the files of
+        `checkpoint_files` and training_state.pt, appearing only complete; then prune old ones."""
+        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
+        if (os.path.realpath(output_dir), self.example_counter) == self.loaded_checkpoint:
+            return  # this state is the checkpoint just loaded: never rewrite it
+        files, sharded = self.checkpoint_files()
+        checkpoints.save(output_dir, self.example_counter, files, self.training_state(), metrics, sharded,
+                         self.rank, self.world_size)
+        if self.rank == 0:
+            checkpoints.prune(self.run_dir, self.config.keep_checkpoints)
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
-        load = lambda name: torch.load(os.path.join(checkpoint_dir, name), map_location='cpu', weights_only=False)
-        self.policy.load_state_dict(load('policy.pt')['state'])
-        self.optimizer.load_state_dict(load('optimizer.pt')['state'])
-        self.scheduler.load_state_dict(load('scheduler.pt')['state'])
+        load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
+        self.policy.load_state_dict(load('policy.pt'))
+        self.optimizer.load_state_dict(load('optimizer.pt'))
+        self.scheduler.load_state_dict(load('scheduler.pt'))
 
     def load_training_state(self, checkpoint_dir: str):
         """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
         data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
         self.load_model_state(checkpoint_dir)
-        state = torch.load(os.path.join(checkpoint_dir, utils.CHECKPOINT_STATE), weights_only=False)
-        for key in ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak'):
+        state = checkpoints.load_training_state(checkpoint_dir, self.config.trust_checkpoint_code)
+        for key in self.RESUMED:
             setattr(self, key, state[key])
-        utils.set_rng_state(state['rng'])
-        if self.rank == 0 and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if json.loads(line)['step'] <= self.example_counter]
-            with open(self.metrics_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(self.metrics_path + '.tmp', self.metrics_path)
+        checkpoints.set_rng_state(state['rng'])
+        self.last_checkpoint = self.example_counter
+        self.loaded_checkpoint = (os.path.realpath(checkpoint_dir), self.example_counter)
+        if self.rank == 0:
+            checkpoints.truncate_metrics(self.metrics_path, self.example_counter)
         utils.rank0_print(f'resumed from {checkpoint_dir} after {self.example_counter} examples')
 
     def training_state(self) -> Dict:
         import wandb
-        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
-                'last_eval': self.last_eval, 'nonfinite_updates': self.nonfinite_updates,
-                'nonfinite_streak': self.nonfinite_streak, 'rng': utils.rng_state(),
+        return {**{key: getattr(self, key) for key in self.RESUMED}, 'rng': checkpoints.rng_state(),
                 'wandb_id': wandb.run.id if wandb.run is not None else None}
 
     def any_rank(self, flag: bool) -> bool:
@@ -615,39 +615,24 @@ class ShardedTrainer(BasicTrainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
-        policy and optimizer in sharded/ (each rank writes its own shards; no rank ever holds the whole
-        optimizer state). All ranks write into rank 0's temporary directory, which rank 0 renames once
-        every rank is done."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
+    def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
+        """The full policy.pt (gathered to rank 0) and scheduler.pt as BasicTrainer writes them, and the
+        policy and optimizer as shards that each rank writes (no rank ever holds the whole optimizer state)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
         policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
-        full_policy = self.policy_state_dict()
-        tmp = [f'{output_dir}.tmp-{os.getpid()}']
-        dist.broadcast_object_list(tmp, src=0)
-        dcp.save({'policy': policy_state, 'optimizer': optimizer_state}, checkpoint_id=os.path.join(tmp[0], 'sharded'))
-        dist.barrier()
-        if self.rank == 0:
-            with utils.atomic_directory(output_dir, tmp=tmp[0]) as directory:
-                self._write_checkpoint(directory, {'policy.pt': full_policy, 'scheduler.pt': self.scheduler.state_dict()},
-                                       metrics)
-            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
-        dist.barrier()  # no rank moves on before the checkpoint exists
+        return ({'policy.pt': self.policy_state_dict(), 'scheduler.pt': self.scheduler.state_dict()},
+                {'policy': policy_state, 'optimizer': optimizer_state})
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
         ranks or another: torch.distributed.checkpoint reshards)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
         state = {'policy': policy_state, 'optimizer': optimizer_state}
-        dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, 'sharded'))
+        checkpoints.load_sharded(checkpoint_dir, state, self.config.trust_checkpoint_code)
         set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
-        scheduler = torch.load(os.path.join(checkpoint_dir, 'scheduler.pt'), map_location='cpu', weights_only=False)
-        self.scheduler.load_state_dict(scheduler['state'])
+        self.scheduler.load_state_dict(checkpoints.load_state(os.path.join(checkpoint_dir, 'scheduler.pt'),
+                                                              self.config.trust_checkpoint_code))
 
 
 def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module]:

@@ -1,7 +1,11 @@
-"""Shared test fixtures: a synthetic HH-format data file, composed configs and a BasicTrainer on model=tiny."""
+"""Shared test fixtures: a synthetic HH-format data file, composed configs, a BasicTrainer on model=tiny, and a
+planted checkpoint that would create a file if it were unpickled."""
+import contextlib
 import json
 import os
+import subprocess
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -50,3 +54,32 @@ def make_trainer(tmp_path, loss='tdpo', perturb=True, **overrides):
         for p in trainer.policy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return trainer
+
+
+class Payload:
+    """Unpickling this creates the file `marker` (what a planted checkpoint could do)."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").close()',))
+
+
+def plant(path, marker):
+    """A reference-format checkpoint file that would create `marker` when unpickled."""
+    torch.save({'step_idx': 0, 'state': {'w': Payload(marker)}, 'metrics': {}}, path)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str):
+    """A real small file system of `size` (e.g. '40m') mounted at `path`, to fill up; the test is skipped,
+    saying why, where mounting is not permitted (tests/test_checkpoints.py injects the fault instead)."""
+    os.makedirs(path)
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); '
+                    f'tests/test_checkpoints.py::test_disk_full_by_fault_injection covers a full disk in-process')
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(['umount', '-l', str(path)], check=False)

@@ -32,7 +32,7 @@ def read_metrics(run_dir):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def test_sft_then_tdpo_from_archive(tmp_path):
@@ -90,7 +90,7 @@ def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
     run_dir = str(tmp_path / 'run')
     run_train([*SMALL, 'loss=sft', f'datasets=[{data}]', 'exp_name=dbg', f'local_run_dir={run_dir}', 'n_examples=4',
                'debug=true', 'n_eval_examples=0'], tmp_path)
-    assert sorted(os.listdir(run_dir)) == ['config.yaml', 'metrics.jsonl']
+    assert sorted(os.listdir(run_dir)) == ['.lock', 'config.yaml', 'metrics.jsonl']
 
 
 @pytest.mark.parametrize('args, message', [
