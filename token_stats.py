@@ -33,7 +33,7 @@ def _auto_chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
     return chunk_rows if chunk_rows else max(8, _CHUNK_BYTES // (4 * vocab))
 
 
-def _response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """labels (B, T) -> (rows (N,) flat indices into the (B·T) positions whose logits predict a
     response token, targets (N,) the tokens they predict, seq (N,) the sequence of each row)."""
     batch, length = labels.shape
@@ -123,8 +123,9 @@ class _ChunkedStats(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         for s in range(0, rows.numel(), ctx.chunk):
             idx, c = rows[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            grad[idx] = _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
-                             a[c], k[c], grad.dtype)
+            # index_add_, not assignment: in a shared layout one position can predict two responses' tokens
+            grad.index_add_(0, idx, _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
+                                         a[c], k[c], grad.dtype))
         return grad, None, None, None, None, None, None
 
 
@@ -139,10 +140,17 @@ def chunked_sequence_stats(logits: Tensor, reference_logits: Tensor, labels: Ten
     """
     assert logits.shape == reference_logits.shape and logits.shape[:-1] == labels.shape
     batch, length, vocab = logits.shape
-    rows, targets, seq = _response_rows(labels)
-    return _ChunkedStats.apply(logits.reshape(batch * length, vocab),
-                               reference_logits.detach().reshape(batch * length, vocab),
-                               rows, targets, seq, batch, _auto_chunk_rows(vocab, chunk_rows))
+    return chunked_row_stats(logits.reshape(batch * length, vocab), reference_logits.reshape(batch * length, vocab),
+                             *response_rows(labels), batch, chunk_rows)
+
+
+def chunked_row_stats(logits: Tensor, reference_logits: Tensor, rows: Tensor, targets: Tensor, seq: Tensor,
+                      n_sequences: int, chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """`chunked_sequence_stats` on flattened positions: logits, reference_logits (M, V); rows (N,) the
+    positions that predict a response token, targets (N,) those tokens, seq (N,) their sequence (any
+    layout of the sequences: see pair_layout.response_rows). Returns float32 (n_sequences,) × 3."""
+    return _ChunkedStats.apply(logits, reference_logits.detach(), rows, targets, seq, n_sequences,
+                               _auto_chunk_rows(logits.shape[-1], chunk_rows))
 
 
 class _FusedStats(torch.autograd.Function):
@@ -196,10 +204,18 @@ def fused_sequence_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tenso
     """
     assert hidden.shape == reference_hidden.shape and hidden.shape[:-1] == labels.shape
     batch, length, width = hidden.shape
-    rows, targets, seq = _response_rows(labels)
-    h = hidden.reshape(batch * length, width).index_select(0, rows)
-    ref_h = reference_hidden.detach().reshape(batch * length, width).index_select(0, rows)
-    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, batch,
+    return fused_row_stats(hidden.reshape(batch * length, width), weight, reference_hidden.reshape(batch * length, width),
+                           reference_weight, *response_rows(labels), batch, chunk_rows)
+
+
+def fused_row_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tensor, reference_weight: Tensor, rows: Tensor,
+                    targets: Tensor, seq: Tensor, n_sequences: int, chunk_rows: Optional[int] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """`fused_sequence_stats` on flattened positions: hidden, reference_hidden (M, H); rows, targets,
+    seq (N,) as in `chunked_row_stats`. Only the N rows are projected."""
+    h = hidden.index_select(0, rows)
+    ref_h = reference_hidden.detach().index_select(0, rows)
+    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, n_sequences,
                              _auto_chunk_rows(weight.shape[0], chunk_rows))
 
 
@@ -220,10 +236,12 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
     return head.weight
 
 
-def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        position_ids: Optional[Tensor] = None) -> Tensor:
     """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied)."""
     decoder = model.get_decoder() if hasattr(model, 'get_decoder') else model.base_model
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
