@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+import pair_layout
 import preference_datasets
 import token_stats
 import trainers
@@ -81,6 +82,8 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'max_nonfinite_updates must be >= 1, got {config.max_nonfinite_updates}')
     if config.stats_impl not in token_stats.STATS_IMPLS:
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
+    if config.pair_layout not in pair_layout.PAIR_LAYOUTS:
+        raise ConfigError(f'pair_layout={config.pair_layout!r}; valid: {", ".join(pair_layout.PAIR_LAYOUTS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
 
