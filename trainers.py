@@ -184,7 +184,8 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
+    `final_hidden_states`, `policy_state_dict`, `generate`, `save`, `load_training_state`, and the
+    class attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -681,7 +682,6 @@ class FSDPTrainer(ShardedTrainer):
                     fully_shard(block, mesh=mesh, mp_policy=mp_policy)
                 fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
         return policy, reference_model
-
 
     def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
         """Through the root module, whose FSDP hooks unshard embeddings, final norm and output layer (the

@@ -9,14 +9,16 @@ generation unchanged; models that cannot take the masks fall back to padded with
 BasicTrainer on real HH rows: loss, metrics and gradients of TDPO2, TDPO1, DPO, IPO (fused, chunked, naive)
 and SFT equal padded. The distributed and `train.py` runs are in tests/test_distributed.py."""
 import math
+import os
 import random
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import pair_layout
-from helpers import HH_SAMPLE, make_trainer
+from helpers import CACHE, HH_SAMPLE, make_trainer
 from pair_layout import PAIR_LAYOUTS, arrange, dense_mask, unpack
 from preference_datasets import Example, collate
 
@@ -193,7 +195,6 @@ LOSSES = {'tdpo2': ('tdpo', {}), 'tdpo1': ('tdpo', {'loss.if_tdpo2': 'false'}), 
 
 
 def hh_trainer(tmp_path, loss, **overrides):
-    import os
     if not os.path.exists(HH_SAMPLE):
         pytest.skip(f'real hh-rlhf sample not found at {os.path.normpath(HH_SAMPLE)}')
     settings = dict(datasets=f'[{HH_SAMPLE}]', max_length=512, max_prompt_length=256, batch_size=6, n_examples=6,
@@ -255,3 +256,29 @@ def test_policy_equal_to_reference_gives_zero_kl_and_log_2_packed(tmp_path):
         loss, metrics = trainer.get_batch_metrics(batch, train=False)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert max(abs(v) for v in metrics['kl_eval/chosen'] + metrics['kl_eval/rejected']) < 1e-4
+
+
+def test_train_py_and_distributed_trainers_equal_padded(tmp_path):
+    """`python train.py` with pair_layout=packed, FSDPTrainer (fused statistics, packed) and
+    TensorParallelTrainer (shared) under torchrun with 2 CPU processes log the same losses and metrics
+    and end with the same weights as BasicTrainer with pair_layout=padded, on real HH rows."""
+    from test_distributed import TORCHRUN, assert_same_run, read_metrics, run
+    if not os.path.exists(HH_SAMPLE):
+        pytest.skip(f'real hh-rlhf sample not found at {os.path.normpath(HH_SAMPLE)}')
+    args = ['model=tiny', f'local_dirs=[{CACHE}]', f'datasets=[{HH_SAMPLE}]', 'loss=tdpo', 'batch_size=4',
+            'eval_batch_size=4', 'max_length=512', 'max_prompt_length=256', 'n_eval_examples=8', 'optimizer=SGD',
+            'lr=1e-2', 'warmup_steps=0', 'n_examples=8', 'eval_every=8', 'minimum_log_interval_secs=0',
+            'wandb.enabled=false', 'sample_during_eval=false']
+    runs = {}
+    for name, launcher, extra in (('padded', [sys.executable], ['pair_layout=padded']),
+                                  ('packed', [sys.executable], ['pair_layout=packed']),
+                                  ('fsdp_packed', TORCHRUN, ['pair_layout=packed', 'trainer=FSDPTrainer']),
+                                  ('tp_shared', TORCHRUN, ['pair_layout=shared', 'trainer=TensorParallelTrainer'])):
+        runs[name] = str(tmp_path / name)
+        distributed = launcher is TORCHRUN
+        out = run(launcher, [*args, *extra, f'exp_name={name}', f'local_run_dir={runs[name]}',
+                             *(['gradient_accumulation_steps=2'] if distributed else [])])
+        assert "using 'padded'" not in out and "using 'chunked'" not in out, out[-3000:]
+    assert [m['split'] for m in read_metrics(runs['padded'])] == ['eval', 'train', 'train', 'eval']
+    for name in ('packed', 'fsdp_packed', 'tp_shared'):
+        assert_same_run(runs['padded'], runs[name])
