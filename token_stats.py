@@ -23,7 +23,7 @@ computes on the output layer's device, moving only the response rows there (issu
 """
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ def _auto_chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
     return chunk_rows if chunk_rows else max(8, _CHUNK_BYTES // (4 * vocab))
 
 
-def _response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """labels (B, T) -> (rows (N,) flat indices into the (B·T) positions whose logits predict a
     response token, targets (N,) the tokens they predict, seq (N,) the sequence of each row)."""
     batch, length = labels.shape
@@ -127,8 +127,9 @@ class _ChunkedStats(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         for s in range(0, rows.numel(), ctx.chunk):
             idx, c = rows[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            grad[idx] = _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
-                             a[c], k[c], grad.dtype)
+            # index_add_, not assignment: in a shared layout one position can predict two responses' tokens
+            grad.index_add_(0, idx, _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
+                                         a[c], k[c], grad.dtype))
         return grad, None, None, None, None, None, None
 
 
@@ -143,23 +144,23 @@ def chunked_sequence_stats(logits: Tensor, reference_logits: Tensor, labels: Ten
     """
     assert logits.shape == reference_logits.shape and logits.shape[:-1] == labels.shape
     batch, length, vocab = logits.shape
-    rows, targets, seq = _response_rows(labels)
-    return _ChunkedStats.apply(logits.reshape(batch * length, vocab),
-                               reference_logits.detach().reshape(batch * length, vocab),
-                               rows, targets, seq, batch, _auto_chunk_rows(vocab, chunk_rows))
+    return chunked_row_stats(logits.reshape(batch * length, vocab), reference_logits.reshape(batch * length, vocab),
+                             *response_rows(labels), batch, chunk_rows)
+
+
+def chunked_row_stats(logits: Tensor, reference_logits: Tensor, rows: Tensor, targets: Tensor, seq: Tensor,
+                      n_sequences: int, chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """`chunked_sequence_stats` on flattened positions: logits, reference_logits (M, V); rows (N,) the
+    positions that predict a response token, targets (N,) those tokens, seq (N,) their sequence (any
+    layout of the sequences: see pair_layout.response_rows). Returns float32 (n_sequences,) × 3."""
+    return _ChunkedStats.apply(logits, reference_logits.detach(), rows, targets, seq, n_sequences,
+                               _auto_chunk_rows(logits.shape[-1], chunk_rows))
 
 
 def _project(h: Tensor, weight: Tensor, ref_h: Tensor, ref_weight: Tensor) -> Tuple[Tensor, Tensor]:
     """One chunk's logits z = h Wᵀ and reference logits r = h_ref W_refᵀ, each computed where its output
     layer is (h on W's device, h_ref on W_ref's), both returned on W's device."""
     return h @ weight.T, (ref_h @ ref_weight.T).to(weight.device)
-
-
-def _response_hidden(hidden: Tensor, rows: Tensor, device: torch.device) -> Tensor:
-    """hidden (B, T, H) -> its rows `rows` (N, H) on `device`: gathered where the model left them, and
-    only those moved (differentiably: the gradient flows back to hidden's device)."""
-    batch, length, width = hidden.shape
-    return hidden.reshape(batch * length, width).index_select(0, rows.to(hidden.device)).to(device)
 
 
 class _FusedStats(torch.autograd.Function):
@@ -214,11 +215,21 @@ def fused_sequence_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tenso
     Returns float32 (B,) (logps_margin, position_kl, logps), on `weight`'s device.
     """
     assert hidden.shape == reference_hidden.shape and hidden.shape[:-1] == labels.shape
+    batch, length, width = hidden.shape
+    return fused_row_stats(hidden.reshape(batch * length, width), weight, reference_hidden.reshape(batch * length, width),
+                           reference_weight, *response_rows(labels), batch, chunk_rows)
+
+
+def fused_row_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tensor, reference_weight: Tensor, rows: Tensor,
+                    targets: Tensor, seq: Tensor, n_sequences: int, chunk_rows: Optional[int] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """`fused_sequence_stats` on flattened positions: hidden, reference_hidden (M, H); rows, targets,
+    seq (N,) as in `chunked_row_stats`. Only the N rows are projected: gathered where each model left
+    its hidden states, and only those moved to its output layer's device (differentiably)."""
     device = weight.device
-    rows, targets, seq = _response_rows(labels.to(device))
-    h = _response_hidden(hidden, rows, device)
-    ref_h = _response_hidden(reference_hidden.detach(), rows, reference_weight.device)
-    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, hidden.shape[0],
+    h = hidden.index_select(0, rows.to(hidden.device)).to(device)
+    ref_h = reference_hidden.detach().index_select(0, rows.to(reference_hidden.device)).to(reference_weight.device)
+    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets.to(device), seq.to(device), n_sequences,
                              _auto_chunk_rows(weight.shape[0], chunk_rows))
 
 
@@ -241,29 +252,34 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
     return head.weight
 
 
-def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        position_ids: Optional[Tensor] = None) -> Tensor:
     """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied), on the
     device of the model's last block (not necessarily the output layer's: see fused_sequence_stats)."""
     decoder = model.get_decoder() if hasattr(model, 'get_decoder') else model.base_model
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
 
 
 CHECK_SEQUENCES, CHECK_TOKENS = 2, 64  # what fused_head_mismatch compares: first tokens of the first sequences
 
 
 @torch.no_grad()
-def fused_head_mismatch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Optional[str]:
-    """None if the model's own logits equal `final_hidden_states(...) @ output_head(model).T`, to the
-    rounding of the logits' dtype, on the first CHECK_TOKENS tokens of the first CHECK_SEQUENCES rows
-    of input_ids (B, T) (causal: those logits depend on nothing later); else one line saying how they
-    differ. A forward that scales or caps its logits outside the config names `output_head` knows
-    would otherwise get wrong fused statistics, silently."""
-    weight = output_head(model)
-    if weight is None:
+def fused_head_mismatch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        hidden_states: Optional[Callable[[nn.Module, Dict], Tensor]] = None) -> Optional[str]:
+    """None if the model's own logits equal `hidden_states(model, inputs) @ output_head(model).T` (the
+    trainer's hook; default final_hidden_states), to the rounding of the logits' dtype, on the first
+    CHECK_TOKENS tokens of the first CHECK_SEQUENCES rows of input_ids (B, T) (causal: those logits depend
+    on nothing later); else one line saying how they differ. A forward that scales or caps its logits
+    outside the config names `output_head` knows would otherwise get wrong fused statistics, silently."""
+    if output_head(model) is None:
         return "the output layer is not a bias-free linear map on a device"
+    hidden_states = hidden_states or (lambda m, inputs: final_hidden_states(m, **inputs))
     ids, mask = input_ids[:CHECK_SEQUENCES, :CHECK_TOKENS], attention_mask[:CHECK_SEQUENCES, :CHECK_TOKENS]
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    fused = final_hidden_states(model, ids, mask).to(weight.device) @ weight.T
+    hidden = hidden_states(model, {'input_ids': ids, 'attention_mask': mask})
+    weight = output_head(model)  # read after the forward passes (under FSDP they leave it unsharded)
+    fused = hidden.to(weight.device) @ weight.T
     keep = mask.to(weight.device).bool()
     if not keep.any():
         return None

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import pair_layout
 import preference_datasets
 import token_stats
 import trainers
@@ -140,6 +141,8 @@ def check_config(config: DictConfig, world_size: int = 1):
             raise ConfigError(f'{key}={config[key]} is smaller than batch_size={config.batch_size}')
     if config.stats_impl not in token_stats.STATS_IMPLS:
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
+    if config.pair_layout not in pair_layout.PAIR_LAYOUTS:
+        raise ConfigError(f'pair_layout={config.pair_layout!r}; valid: {", ".join(pair_layout.PAIR_LAYOUTS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
 

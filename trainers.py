@@ -5,6 +5,7 @@ implementation of its equation in tests/test_losses.py), then `concatenated_forw
 forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
 Distributed trainers subclass BasicTrainer and override only its named hooks.
 """
+import inspect
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
+import pair_layout
 import preference_datasets
 import token_stats
 import utils
@@ -54,6 +56,14 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
     logps = logits[:, :-1].float().log_softmax(-1)
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return _masked_sum(token_logps, mask, average_log_prob)
+
+
+def _row_logps(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+               n_sequences: int) -> torch.Tensor:
+    """`_get_batch_logps` on flattened positions: logits (M, V); rows (N,) the positions that predict
+    response tokens `targets` (N,) of sequences `seq` (N,) (pair_layout.response_rows) -> (n_sequences,)."""
+    token_logps = logits[rows].float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(n_sequences, device=logits.device).index_add_(0, seq, token_logps)
 
 
 def _tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
@@ -159,17 +169,6 @@ def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
     raise ValueError(f"unknown loss.name={c.name!r}; valid: sft, tdpo, dpo, ipo")
 
 
-def concatenated_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Stack chosen (first B rows) and rejected (last B rows), right-padded to one length, so that
-    policy and reference each see both in a single forward pass."""
-    length = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
-    out = {}
-    for key, pad in (('input_ids', 0), ('attention_mask', 0), ('labels', -100)):
-        out[f'concatenated_{key}'] = torch.cat([utils.pad_to_length(batch[f'chosen_{key}'], length, pad),
-                                                utils.pad_to_length(batch[f'rejected_{key}'], length, pad)])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Trainers
 # ----------------------------------------------------------------------------------------------
@@ -186,13 +185,11 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
-    `clip_gradient`, `policy_state_dict`, `generate`, `checkpoint_files`, `load_model_state`, and the class
-    attributes below.
+    `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
+    `load_model_state`, and the class attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
-    # the fused statistics call the decoder and read the output weight directly, outside the model's forward
-    can_fuse_stats = True
     # the ranks split each batch between them (data parallel); tensor-parallel ranks all see the whole batch
     splits_batches = True
     # counters that training_state.pt holds and a resumed run continues from
@@ -229,6 +226,7 @@ class BasicTrainer:
         self.pending_metrics = defaultdict(list)  # training metrics not yet logged
         self.stop_signal = None
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        self.pair_layout = self.choose_pair_layout(config.pair_layout)
 
     # ---- hooks ---------------------------------------------------------------------------------
 
@@ -257,6 +255,10 @@ class BasicTrainer:
 
     def clip_gradient(self) -> float:
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
+
+    def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
+        """(R, L, H) hidden states that `model` feeds into its output layer, for model_inputs `inputs`."""
+        return token_stats.final_hidden_states(model, **inputs)
 
     def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
         """Sampled continuations (B, new tokens) of the left-padded prompts."""
@@ -334,13 +336,12 @@ class BasicTrainer:
     # ---- forward and metrics -------------------------------------------------------------------
 
     def choose_stats_impl(self) -> str:
-        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: a trainer whose
-        models must run their own forward, or an output layer that is not a plain linear map on a device."""
+        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: an output layer
+        that is not a plain linear map on a device."""
         if self.config.stats_impl != 'fused' or self.is_sft:
             return self.config.stats_impl
-        if not self.can_fuse_stats or token_stats.output_head(self.policy) is None:
-            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
-                              f"using 'chunked'")
+        if token_stats.output_head(self.policy) is None:
+            utils.rank0_print("stats_impl=fused: not with this model's output layer; using 'chunked'")
             return 'chunked'
         return 'fused'
 
@@ -351,41 +352,65 @@ class BasicTrainer:
             return
         self.fused_stats_checked = True
         ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
-        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask)
-                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask))
+        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
+                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask, self.final_hidden_states))
         if self.any_rank(problem is not None):
             utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
             self.stats_impl = 'chunked'
+    def choose_pair_layout(self, layout: str) -> str:
+        """`layout`, or 'padded' (with one message naming why) if a model cannot take its masks."""
+        if layout == 'padded':
+            return layout
+        for model in (self.policy, self.reference_model):
+            reason = model is not None and (pair_layout.prepare_model(model)
+                                            or pair_layout.check_model(model, len(self.tokenizer)))
+            if reason:
+                utils.rank0_print(f"pair_layout={layout}: {reason}; using 'padded'")
+                return 'padded'
+        return layout
 
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
         """Chosen and rejected through the policy in one pass and through the reference in one pass
-        (no grad) -> per-sequence statistics for the chosen half and the rejected half, computed as
-        `stats_impl` says: naive (the reference's full-vocabulary tensors), chunked (same logits,
-        bounded memory) or fused (from hidden states; full logits never exist). All are exact."""
-        inputs = concatenated_inputs(batch)
-        ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+        (no grad), laid out as `pair_layout` says (padded, shared or packed: pair_layout.py) ->
+        per-sequence statistics for the chosen half and the rejected half, computed as `stats_impl`
+        says: naive (the reference's full-vocabulary tensors), chunked (same logits, bounded memory,
+        response rows only) or fused (from hidden states; full logits never exist). All are exact."""
+        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length)
+        n = layout.n_sequences
         if self.stats_impl == 'fused':
-            hidden = token_stats.final_hidden_states(self.policy, ids, mask)
+            hidden = self.final_hidden_states(self.policy, pair_layout.model_inputs(layout, self.policy))
             with torch.no_grad():
-                reference_hidden = token_stats.final_hidden_states(self.reference_model, ids, mask)
-            stats = token_stats.fused_sequence_stats(hidden, token_stats.output_head(self.policy), reference_hidden,
-                                                     token_stats.output_head(self.reference_model), labels)
+                reference_hidden = self.final_hidden_states(self.reference_model,
+                                                            pair_layout.model_inputs(layout, self.reference_model))
+            stats = token_stats.fused_row_stats(hidden.flatten(0, 1), token_stats.output_head(self.policy),
+                                                reference_hidden.flatten(0, 1), token_stats.output_head(self.reference_model),
+                                                *pair_layout.response_rows(layout), n)
         else:
-            logits = self.policy(ids, attention_mask=mask).logits
+            logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
             with torch.no_grad():
-                reference_logits = self.reference_model(ids, attention_mask=mask).logits
-            stats_fn = _tdpo_get_batch_logps if self.stats_impl == 'naive' else token_stats.chunked_sequence_stats
-            stats = stats_fn(logits, reference_logits, labels)
-        n = batch['chosen_input_ids'].shape[0]
-        return SequenceStats(*(s[:n] for s in stats)), SequenceStats(*(s[n:] for s in stats))
+                reference_logits = self.reference_model(**pair_layout.model_inputs(layout, self.reference_model)).logits
+            if self.stats_impl == 'naive':
+                stats = _tdpo_get_batch_logps(pair_layout.unpack(layout, logits), pair_layout.unpack(layout, reference_logits),
+                                              layout.labels)
+            else:
+                stats = token_stats.chunked_row_stats(logits.flatten(0, 1), reference_logits.flatten(0, 1),
+                                                      *pair_layout.response_rows(layout), n)
+        return SequenceStats(*(s[:n // 2] for s in stats)), SequenceStats(*(s[n // 2:] for s in stats))
+
+    def sft_logps(self, batch: Dict) -> torch.Tensor:
+        """log πθ(y|x) of each chosen response (B,), padded (the reference's computation) or packed."""
+        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length, sft=True)
+        logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
+        if layout.document is None:
+            return _get_batch_logps(logits, layout.labels)
+        return _row_logps(logits.flatten(0, 1), *pair_layout.response_rows(layout), layout.n_sequences)
 
     def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """Mean loss of the batch and per-example metrics (gathered over ranks), with the reference's names."""
         split = 'train' if train else 'eval'
         values = {}
         if self.is_sft:
-            logits = self.policy(batch['chosen_input_ids'], attention_mask=batch['chosen_attention_mask']).logits
-            chosen_logps = _get_batch_logps(logits, batch['chosen_labels'])
+            chosen_logps = self.sft_logps(batch)
             losses = -chosen_logps
         else:
             self.check_fused_stats(batch)
@@ -650,7 +675,6 @@ class FSDPTrainer(ShardedTrainer):
     """Fully sharded data parallel (FSDP2, `fully_shard`): each rank holds 1/world_size of every
     parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
     and backward, and trains on its slice of each batch."""
-    can_fuse_stats = False  # the root module's forward unshards embeddings and head; the fused path skips it
 
     @classmethod
     def policy_compute_dtype(cls, model_config: DictConfig) -> str:
@@ -671,6 +695,19 @@ class FSDPTrainer(ShardedTrainer):
                     fully_shard(block, mesh=mesh, mp_policy=mp_policy)
                 fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
         return policy, reference_model
+
+    def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
+        """Through the root module, whose FSDP hooks unshard embeddings, final norm and output layer (the
+        decoder alone would skip them); FSDP2 keeps the root unsharded until backward ends, so
+        `token_stats.output_head` then reads the full weight. The head runs on one position only."""
+        captured = []
+        hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        head_positions = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(model.forward).parameters else {}
+        try:
+            model(**inputs, use_cache=False, **head_positions)
+        finally:
+            hook.remove()
+        return captured[0]
 
 
 class TensorParallelTrainer(ShardedTrainer):

@@ -250,12 +250,12 @@ def test_fused_stats_place_tensors_of_a_model_split_over_devices(monkeypatch):
     gradients and the backward across devices are tests/test_gpu.py's."""
     from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
     hidden, weight, ref_hidden, ref_weight, labels = make_inputs()
-    rows, targets, seq = token_stats._response_rows(labels)  # data-dependent (nonzero): on real values, here
+    rows, targets, seq = token_stats.response_rows(labels)  # data-dependent (nonzero): on real values, here
     monkeypatch.setattr(token_stats, 'COMPILE', False)
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, torch.no_grad():  # no autograd: it needs real devices
         fake_rows = [mode.from_tensor(x) for x in (rows, targets, seq)]
-        monkeypatch.setattr(token_stats, '_response_rows', lambda l: tuple(x.to(l.device) for x in fake_rows))
+        monkeypatch.setattr(token_stats, 'response_rows', lambda l: tuple(x.to(l.device) for x in fake_rows))
         on = lambda x, device: mode.from_tensor(x).to(device)
         policy_head = on(weight, 'meta:0')
         with pytest.raises(FakeTensorDeviceMismatchError):  # what an unplaced projection does
