@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
 import preference_datasets
 import trainers
 import utils
@@ -120,23 +121,29 @@ def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: L
 # Loading what train.py wrote
 # ----------------------------------------------------------------------------------------------
 
-def _hf_model(path: str):
+def _hf_model(path: str, dtype: str):
     import transformers
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
-def _checkpoint_model(checkpoint: str):
-    """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt."""
+def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
+    """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt
+    (loaded weights_only; one with a manifest must verify)."""
+    if os.path.exists(os.path.join(checkpoint, checkpoints.MANIFEST)):
+        try:
+            checkpoints.verify(checkpoint)
+        except checkpoints.Unverified as e:
+            raise checkpoints.CheckpointError(f'checkpoint {checkpoint} is damaged: {e}') from None
+    state = checkpoints.load_archive(os.path.join(checkpoint, 'policy.pt'), trust, mmap=True)['state']
     run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
     cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-    model = utils.load_model(run_config.model, 'float32', cache_dir)
-    model.load_state_dict(torch.load(os.path.join(checkpoint, 'policy.pt'), map_location='cpu',
-                                     mmap=True, weights_only=False)['state'])
+    model = utils.load_model(run_config.model, dtype, cache_dir)
+    model.load_state_dict(state)
     return model, utils.load_tokenizer(run_config.model, cache_dir)
 
 
-def _config_model(name: str):
+def _config_model(name: str, dtype: str = 'float32'):
     """`model:<name>`: config/model/<name>.yaml (untrained), loaded as train.py loads it; from inside
     evaluate.py's Hydra app, or from a plain script (demo/sentiment.py)."""
     from hydra.core.global_hydra import GlobalHydra
@@ -148,7 +155,7 @@ def _config_model(name: str):
         with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
             config = hydra.compose('config', overrides=overrides)
     cache_dir = utils.get_local_dir(list(config.local_dirs))
-    return utils.load_model(config.model, 'float32', cache_dir), utils.load_tokenizer(config.model, cache_dir)
+    return utils.load_model(config.model, dtype, cache_dir), utils.load_tokenizer(config.model, cache_dir)
 
 
 def resolve_model_path(spec: str) -> Tuple[str, str]:
@@ -164,27 +171,44 @@ def resolve_model_path(spec: str) -> Tuple[str, str]:
         return 'checkpoint', path
     if os.path.exists(os.path.join(path, 'hf', 'config.json')):
         return 'hf', os.path.join(path, 'hf')
-    checkpoint = utils.latest_checkpoint(path)
+    checkpoint = checkpoints.latest_checkpoint(path)
     if checkpoint is not None:
         return 'checkpoint', checkpoint
     raise ValueError(f'{spec}: not a run directory (with hf/ or a checkpoint), a checkpoint directory (with '
                      f'policy.pt), a Hugging Face model directory (with config.json), or model:<config name>')
 
 
-def examples_seen(kind: str, path: str) -> Optional[int]:
+def examples_seen(kind: str, path: str, trust: bool = False) -> Optional[int]:
     """Training examples behind a model: a checkpoint's counter (an hf/ export: its run's LATEST); else None."""
     if kind == 'hf' and os.path.basename(path) == 'hf':
         path = os.path.join(os.path.dirname(path), 'LATEST')
-    state = os.path.join(path, utils.CHECKPOINT_STATE)
-    if kind == 'config' or not os.path.exists(state):
+    if kind == 'config' or not os.path.exists(os.path.join(path, checkpoints.TRAINING_STATE)):
         return None
-    return torch.load(state, weights_only=False)['example_counter']
+    return checkpoints.checkpoint_step(path, trust)
 
 
-def load(spec: str):
-    """(model in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec."""
+def run_dtypes(kind: str, path: str) -> Tuple[str, str]:
+    """(policy, reference) dtypes that the training run behind a resolved model spec computed in (the
+    policy's under its trainer, and its reference's), read from the run's config.yaml, so that the KL
+    reported is the KL the run trained against; float32 for a model without a run (model:<name>, a
+    plain Hugging Face directory)."""
+    run_dir = {'checkpoint': os.path.dirname(path), 'hf': os.path.dirname(path) if os.path.basename(path) == 'hf'
+               else None}.get(kind)
+    if run_dir is None or not os.path.exists(os.path.join(run_dir, 'config.yaml')):
+        return 'float32', 'float32'
+    run_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
+    trainer_class = getattr(trainers, run_config.trainer)
+    return trainer_class.policy_compute_dtype(run_config.model), trainer_class.reference_dtype(run_config.model)
+
+
+def load(spec: str, dtype: str = 'float32', trust: bool = False):
+    """(model in `dtype`, in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec;
+    `trust`: trust_checkpoint_code."""
     kind, path = resolve_model_path(spec)
-    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'checkpoint': _checkpoint_model}[kind](path)
+    if kind == 'checkpoint':
+        model, tokenizer = _checkpoint_model(path, dtype, trust)
+    else:
+        model, tokenizer = {'config': _config_model, 'hf': _hf_model}[kind](path, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     utils.disable_dropout(model)
@@ -195,7 +219,8 @@ def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
     """Distinct prompts of a local preference file (any format train.py reads: HH dialogues, explicit
     `prompt`/`chosen`/`rejected` rows, chat messages), whole and in file order, rendered as for training."""
     if not preference_datasets.is_local_file(path):
-        raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz or .json file of preference pairs')
+        raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz, .json or .parquet file, or a '
+                         f'save_to_disk directory, of preference pairs')
     prompts = list(preference_datasets.get_local(path, 'test', tokenizer, eval_fraction=1.0))  # 1.0: every row
     return prompts[:n] if n else prompts
 
@@ -236,12 +261,13 @@ def evaluate(config: DictConfig) -> Dict:
     """The evaluation of one policy against its reference (see the module docstring) as a dict."""
     start = time.time()
     reward_fn = REWARDS[config.reward]
-    policy, tokenizer, kind, path = load(config.policy)
-    reference_key = (config.reference, config.prompts, config.n_prompts, config.samples_per_prompt,
+    policy_dtype, reference_dtype = run_dtypes(*resolve_model_path(config.policy))  # as the policy was trained
+    policy, tokenizer, kind, path = load(config.policy, policy_dtype, config.trust_checkpoint_code)
+    reference_key = (config.reference, reference_dtype, config.prompts, config.n_prompts, config.samples_per_prompt,
                      config.max_new_tokens, config.seed, config.batch_size, config.reward)
     if reference_key not in _REFERENCE_CACHE:
         _REFERENCE_CACHE.clear()
-        reference, _, _, reference_path = load(config.reference)
+        reference, _, _, reference_path = load(config.reference, reference_dtype, config.trust_checkpoint_code)
         _REFERENCE_CACHE[reference_key] = {'model': reference, 'path': reference_path, 'scores': None}
     cached = _REFERENCE_CACHE[reference_key]
     reference = cached['model']
@@ -254,10 +280,11 @@ def evaluate(config: DictConfig) -> Dict:
         scores['reference'] = cached['scores']
     kl = kl_estimates(policy, reference, scores['policy']['prompt_ids'], scores['policy']['response_ids'],
                       tokenizer.pad_token_id)
-    result = {'policy': path, 'reference': cached['path'], 'examples_seen': examples_seen(kind, path),
+    result = {'policy': path, 'reference': cached['path'], 'examples_seen': examples_seen(kind, path, config.trust_checkpoint_code),
               'prompts_file': os.path.abspath(config.prompts), 'n_prompts': len(distinct),
               'samples_per_prompt': config.samples_per_prompt, 'n_samples': len(prompts),
               'max_new_tokens': config.max_new_tokens, 'seed': config.seed, 'reward': config.reward,
+              'policy_dtype': policy_dtype, 'reference_dtype': reference_dtype,
               # Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses, and its standard error
               'kl': mean(kl['log_ratio']),
               'kl_stderr': stderr(kl['log_ratio']),
@@ -288,7 +315,7 @@ def main(config: DictConfig):
         out = config.out or default_out(*resolve_model_path(config.policy))
         resolve_model_path(config.reference)
         result = evaluate(config)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
         raise SystemExit(f'evaluate: {e}')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + '.tmp', 'w') as f:

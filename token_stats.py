@@ -16,10 +16,14 @@ a = g_margin + g_logps and k = g_kl (indexed by the row's sequence), are
 Both autograd functions save only per-row scalars (lse(z), lse(r)) and recompute p and q, chunk by
 chunk, in backward. `fused_sequence_stats` additionally never builds logits: it recomputes
 z = h Wᵀ and r = h_ref W_refᵀ per chunk, and returns ∂/∂h = G W and ∂/∂W = Gᵀ h.
+
+A model split over several GPUs (device_map='balanced') leaves its final hidden states on the GPU of
+its last block, while a tied output layer sits with the input embedding on the first: the fused path
+computes on the output layer's device, moving only the response rows there (issue 14).
 """
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +37,7 @@ def _auto_chunk_rows(vocab: int, chunk_rows: Optional[int]) -> int:
     return chunk_rows if chunk_rows else max(8, _CHUNK_BYTES // (4 * vocab))
 
 
-def _response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+def response_rows(labels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """labels (B, T) -> (rows (N,) flat indices into the (B·T) positions whose logits predict a
     response token, targets (N,) the tokens they predict, seq (N,) the sequence of each row)."""
     batch, length = labels.shape
@@ -123,8 +127,9 @@ class _ChunkedStats(torch.autograd.Function):
         grad = torch.zeros_like(logits)
         for s in range(0, rows.numel(), ctx.chunk):
             idx, c = rows[s:s + ctx.chunk], slice(s, s + ctx.chunk)
-            grad[idx] = _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
-                             a[c], k[c], grad.dtype)
+            # index_add_, not assignment: in a shared layout one position can predict two responses' tokens
+            grad.index_add_(0, idx, _run(_chunk_grad, logits[idx], reference[idx], targets[c], lse_z[c], lse_r[c],
+                                         a[c], k[c], grad.dtype))
         return grad, None, None, None, None, None, None
 
 
@@ -139,10 +144,23 @@ def chunked_sequence_stats(logits: Tensor, reference_logits: Tensor, labels: Ten
     """
     assert logits.shape == reference_logits.shape and logits.shape[:-1] == labels.shape
     batch, length, vocab = logits.shape
-    rows, targets, seq = _response_rows(labels)
-    return _ChunkedStats.apply(logits.reshape(batch * length, vocab),
-                               reference_logits.detach().reshape(batch * length, vocab),
-                               rows, targets, seq, batch, _auto_chunk_rows(vocab, chunk_rows))
+    return chunked_row_stats(logits.reshape(batch * length, vocab), reference_logits.reshape(batch * length, vocab),
+                             *response_rows(labels), batch, chunk_rows)
+
+
+def chunked_row_stats(logits: Tensor, reference_logits: Tensor, rows: Tensor, targets: Tensor, seq: Tensor,
+                      n_sequences: int, chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """`chunked_sequence_stats` on flattened positions: logits, reference_logits (M, V); rows (N,) the
+    positions that predict a response token, targets (N,) those tokens, seq (N,) their sequence (any
+    layout of the sequences: see pair_layout.response_rows). Returns float32 (n_sequences,) × 3."""
+    return _ChunkedStats.apply(logits, reference_logits.detach(), rows, targets, seq, n_sequences,
+                               _auto_chunk_rows(logits.shape[-1], chunk_rows))
+
+
+def _project(h: Tensor, weight: Tensor, ref_h: Tensor, ref_weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """One chunk's logits z = h Wᵀ and reference logits r = h_ref W_refᵀ, each computed where its output
+    layer is (h on W's device, h_ref on W_ref's), both returned on W's device."""
+    return h @ weight.T, (ref_h @ ref_weight.T).to(weight.device)
 
 
 class _FusedStats(torch.autograd.Function):
@@ -154,7 +172,7 @@ class _FusedStats(torch.autograd.Function):
         kl, lse_z, lse_r, zy, ry = (torch.empty(n, device=h.device) for _ in range(5))
         for s in range(0, n, chunk):
             c = slice(s, s + chunk)
-            z, r = h[c] @ weight.T, ref_h[c] @ ref_weight.T
+            z, r = _project(h[c], weight, ref_h[c], ref_weight)
             kl[c], lse_z[c], lse_r[c] = _run(_chunk_stats, z, r)
             zy[c], ry[c] = (x.gather(-1, targets[c].unsqueeze(-1)).view(-1) for x in (z, r))
         ctx.save_for_backward(h, weight, ref_h, ref_weight, targets, seq, lse_z, lse_r)
@@ -171,7 +189,7 @@ class _FusedStats(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, device=weight.device) if need_w else None  # float32 sum
         for s in range(0, h.shape[0], ctx.chunk):
             c = slice(s, s + ctx.chunk)
-            z, r = h[c] @ weight.T, ref_h[c] @ ref_weight.T
+            z, r = _project(h[c], weight, ref_h[c], ref_weight)
             g = _run(_chunk_grad, z, r, targets[c], lse_z[c], lse_r[c], a[c], k[c], weight.dtype)
             if need_h:
                 grad_h[c] = g @ weight
@@ -192,14 +210,26 @@ def fused_sequence_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tenso
     reference; weight, reference_weight (V, H): bias-free output embeddings (may be tied to the input
     embedding). Only response rows are projected. Gradients flow into `hidden` and `weight`; the
     reference gets none. Backward recomputes both projections chunk by chunk (2 extra N×V×H matmuls).
-    Returns float32 (B,) (logps_margin, position_kl, logps).
+    The tensors may sit on different devices (a model split over GPUs): the statistics are computed on
+    `weight`'s device, the reference's projection on `reference_weight`'s.
+    Returns float32 (B,) (logps_margin, position_kl, logps), on `weight`'s device.
     """
     assert hidden.shape == reference_hidden.shape and hidden.shape[:-1] == labels.shape
     batch, length, width = hidden.shape
-    rows, targets, seq = _response_rows(labels)
-    h = hidden.reshape(batch * length, width).index_select(0, rows)
-    ref_h = reference_hidden.detach().reshape(batch * length, width).index_select(0, rows)
-    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets, seq, batch,
+    return fused_row_stats(hidden.reshape(batch * length, width), weight, reference_hidden.reshape(batch * length, width),
+                           reference_weight, *response_rows(labels), batch, chunk_rows)
+
+
+def fused_row_stats(hidden: Tensor, weight: Tensor, reference_hidden: Tensor, reference_weight: Tensor, rows: Tensor,
+                    targets: Tensor, seq: Tensor, n_sequences: int, chunk_rows: Optional[int] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """`fused_sequence_stats` on flattened positions: hidden, reference_hidden (M, H); rows, targets,
+    seq (N,) as in `chunked_row_stats`. Only the N rows are projected: gathered where each model left
+    its hidden states, and only those moved to its output layer's device (differentiably)."""
+    device = weight.device
+    h = hidden.index_select(0, rows.to(hidden.device)).to(device)
+    ref_h = reference_hidden.detach().index_select(0, rows.to(reference_hidden.device)).to(reference_weight.device)
+    return _FusedStats.apply(h, weight, ref_h, reference_weight.detach(), targets.to(device), seq.to(device), n_sequences,
                              _auto_chunk_rows(weight.shape[0], chunk_rows))
 
 
@@ -207,10 +237,12 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
     """The (V, H) weight of a HF causal LM's output layer if logits are exactly
     `final_hidden_states(...) @ weight.T` (a bias-free nn.Linear, no logit scale or soft-capping in
     the config), else None: then use 'chunked'. Unknown architectures with custom scaling in their
-    forward are not detectable from the config; `check_fused_head` verifies numerically."""
+    forward are not detectable from the config; `fused_head_mismatch` verifies numerically."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None:
         return None
+    if head.weight.device.type == 'meta':  # offloaded (accelerate, device_map with 'cpu'/'disk' entries):
+        return None                        # the real weight exists only inside the model's forward
     config = model.config.get_text_config() if hasattr(model.config, 'get_text_config') else model.config
     if getattr(config, 'final_logit_softcapping', None) or getattr(config, 'attn_logit_softcapping_final', None):
         return None
@@ -220,18 +252,42 @@ def output_head(model: nn.Module) -> Optional[Tensor]:
     return head.weight
 
 
-def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied)."""
+def final_hidden_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        position_ids: Optional[Tensor] = None) -> Tensor:
+    """(B, T, H) hidden states that a HF causal LM feeds into its lm_head (final norm applied), on the
+    device of the model's last block (not necessarily the output layer's: see fused_sequence_stats)."""
     decoder = model.get_decoder() if hasattr(model, 'get_decoder') else model.base_model
-    return decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).last_hidden_state
+
+
+CHECK_SEQUENCES, CHECK_TOKENS = 2, 64  # what fused_head_mismatch compares: first tokens of the first sequences
 
 
 @torch.no_grad()
-def check_fused_head(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, atol: float = 1e-3) -> bool:
-    """True if model(...).logits == final_hidden_states(...) @ output_head(model).T on this input."""
-    weight = output_head(model)
-    if weight is None:
-        return False
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    fused = (final_hidden_states(model, input_ids, attention_mask) @ weight.T).float()
-    return torch.allclose(logits, fused, atol=atol, rtol=1e-3)
+def fused_head_mismatch(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        hidden_states: Optional[Callable[[nn.Module, Dict], Tensor]] = None) -> Optional[str]:
+    """None if the model's own logits equal `hidden_states(model, inputs) @ output_head(model).T` (the
+    trainer's hook; default final_hidden_states), to the rounding of the logits' dtype, on the first
+    CHECK_TOKENS tokens of the first CHECK_SEQUENCES rows of input_ids (B, T) (causal: those logits depend
+    on nothing later); else one line saying how they differ. A forward that scales or caps its logits
+    outside the config names `output_head` knows would otherwise get wrong fused statistics, silently."""
+    if output_head(model) is None:
+        return "the output layer is not a bias-free linear map on a device"
+    hidden_states = hidden_states or (lambda m, inputs: final_hidden_states(m, **inputs))
+    ids, mask = input_ids[:CHECK_SEQUENCES, :CHECK_TOKENS], attention_mask[:CHECK_SEQUENCES, :CHECK_TOKENS]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    hidden = hidden_states(model, {'input_ids': ids, 'attention_mask': mask})
+    weight = output_head(model)  # read after the forward passes (under FSDP they leave it unsharded)
+    fused = hidden.to(weight.device) @ weight.T
+    keep = mask.to(weight.device).bool()
+    if not keep.any():
+        return None
+    expected, actual = logits.to(weight.device)[keep].float(), fused[keep].float()
+    exact_fp32 = logits.dtype == torch.float32 and not (weight.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    tolerance = 1e-3 if exact_fp32 else 2 ** -5  # relative to the largest logit; bf16/fp16/TF32 round more
+    scale, error = expected.abs().max().item(), (actual - expected).abs().max().item()
+    if error <= tolerance * scale:
+        return None
+    return (f"{type(model).__name__}'s own logits differ from its final hidden states @ output weight "
+            f"(max |difference| {error:.3g} on logits up to {scale:.3g}): its forward must scale or cap them")

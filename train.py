@@ -4,13 +4,14 @@ Composes config/ with Hydra, checks it, writes the resolved config into a new ru
 policy and reference models, and hands them to the trainer class named by `trainer`. A distributed
 trainer runs one process per local GPU (spawned here), or one per process that torchrun starts.
 """
+import errno
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import hydra
 import torch
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+import checkpoints
+import pair_layout
 import preference_datasets
 import token_stats
 import trainers
@@ -25,6 +28,15 @@ import utils
 
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
 OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
+
+
+def compose_config(overrides) -> DictConfig:
+    """The config that `python train.py <overrides>` runs with (Hydra's compose API on the same config/),
+    for tools that need it without running (`python preference_datasets.py`)."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config'),
+                               version_base=None):
+        return compose('config', overrides=list(overrides))
 
 TRAINERS = {cls.__name__: cls for cls in (trainers.BasicTrainer, trainers.FSDPTrainer, trainers.TensorParallelTrainer)}
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
@@ -130,23 +142,28 @@ def check_config(config: DictConfig, world_size: int = 1):
             raise ConfigError(f'{key}={config[key]} is smaller than batch_size={config.batch_size}')
     if config.stats_impl not in token_stats.STATS_IMPLS:
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
+    if config.pair_layout not in pair_layout.PAIR_LAYOUTS:
+        raise ConfigError(f'pair_layout={config.pair_layout!r}; valid: {", ".join(pair_layout.PAIR_LAYOUTS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
 
 
 def build_models(config: DictConfig, device_map=None):
-    """Policy, and for preference losses a frozen reference; both get `model.archive` weights if set."""
+    """Policy, and for preference losses a frozen reference (in `model.reference_dtype`, null: the dtype
+    the policy computes in under this trainer); both get `model.archive` weights if set."""
     cache_dir = utils.get_local_dir(config.local_dirs)
     policy = utils.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
     reference_model = None
     if config.loss.name in PREFERENCE_LOSSES:
-        reference_model = utils.load_model(config.model, config.model.reference_dtype, cache_dir, device_map=device_map)
+        reference_dtype = TRAINERS[config.trainer].reference_dtype(config.model)
+        utils.rank0_print(f'reference model in {reference_dtype}')
+        reference_model = utils.load_model(config.model, reference_dtype, cache_dir, device_map=device_map)
         reference_model.requires_grad_(False)
         reference_model.eval()
     if config.model.archive is not None:
-        archive = torch.load(config.model.archive, map_location='cpu', weights_only=False)
-        print(f"loading weights at step {archive['step_idx']} from {config.model.archive} "
-              f"with metrics {json.dumps(archive['metrics'], indent=2)}")
+        archive = checkpoints.load_archive(config.model.archive, config.trust_checkpoint_code, mmap=True)
+        print(f"loading weights at step {archive.get('step_idx')} from {config.model.archive} "
+              f"with metrics {json.dumps(archive.get('metrics'), indent=2, default=str)}")
         for model in (policy, reference_model):
             if model is not None:
                 model.load_state_dict(archive['state'])
@@ -167,27 +184,33 @@ def init_wandb(config: DictConfig, run_id: Optional[str] = None):
                    resume='allow' if run_id else None)
 
 
-def resume_checkpoint(config: DictConfig) -> Optional[str]:
-    """The checkpoint to continue from, with config.local_run_dir set to its run directory; None for a
-    new run. Call before the config is resolved."""
+def resume_run_dir(config: DictConfig):
+    """Set config.local_run_dir to the run directory to continue (that of resume_from, or with resume=true
+    the newest <exp_name>_* run with a checkpoint, unless the user named local_run_dir). Call before the
+    config is resolved; the checkpoint itself is chosen once the directory is locked (`open_run_dir`)."""
     if config.resume_from:
         checkpoint = os.path.abspath(config.resume_from)
-        if not os.path.exists(os.path.join(checkpoint, utils.CHECKPOINT_STATE)):
+        if not os.path.exists(os.path.join(checkpoint, checkpoints.TRAINING_STATE)):
             raise ConfigError(f'resume_from={config.resume_from}: not a complete checkpoint directory '
-                              f'(no {utils.CHECKPOINT_STATE})')
+                              f'(no {checkpoints.TRAINING_STATE})')
         config.local_run_dir = os.path.dirname(checkpoint)
-        return checkpoint
-    if not config.resume:
-        return None
     # the default local_run_dir is a new timestamped directory; one the user set (it may interpolate other
     # keys, e.g. runs/beta${loss.beta} in a sweep) names the run directory to continue
-    if str(OmegaConf.to_container(config, resolve=False)['local_run_dir']).startswith('${get_local_run_dir:'):
-        run_dir = utils.newest_run_dir(config.exp_name, config.local_dirs)
+    elif config.resume and str(OmegaConf.to_container(config, resolve=False)['local_run_dir']).startswith('${get_local_run_dir:'):
+        run_dir = checkpoints.newest_run_dir(config.exp_name, config.local_dirs)
         if run_dir is None:
-            print(f'resume=true: no checkpoint of {config.exp_name} yet; starting a new run', flush=True)
-            return None
-        config.local_run_dir = run_dir
-    checkpoint = utils.latest_checkpoint(config.local_run_dir)
+            utils.rank0_print(f'resume=true: no checkpoint of {config.exp_name} yet; starting a new run')
+        else:
+            config.local_run_dir = run_dir
+
+
+def choose_checkpoint(config: DictConfig) -> Optional[str]:
+    """The checkpoint to continue from (None: start from the beginning); the run directory is locked."""
+    if config.resume_from:
+        return checkpoints.check_resume_from(os.path.abspath(config.resume_from), config.trust_checkpoint_code)
+    if not config.resume:
+        return None
+    checkpoint = checkpoints.resume_point(config.local_run_dir, config.trust_checkpoint_code)
     if checkpoint is None:
         print(f'resume=true: no checkpoint in {config.local_run_dir} yet; starting from the beginning', flush=True)
     return checkpoint
@@ -212,37 +235,71 @@ def requeue_slurm_job():
         print(f'cannot requeue Slurm job {job_id}: {e}', flush=True)
 
 
-def prepare_run_dir(config: DictConfig, rank: int):
+def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock]]:
     """Resolve the config; every rank takes rank 0's run directory (processes started separately, as by
-    torchrun, resolve different timestamps); rank 0 creates it and writes config.yaml there."""
+    torchrun, resolve different timestamps). Rank 0 creates it (a directory of the user's own), locks it
+    for the life of the run, chooses the checkpoint to continue and writes config.yaml there.
+    Returns (checkpoint to continue or None, the lock on rank 0)."""
     OmegaConf.resolve(config)
+    lock = resume_from = error = None
+    if rank == 0:
+        try:
+            problem = utils.make_private_dir(config.local_run_dir)
+            if problem:
+                raise ConfigError(f'local_run_dir={config.local_run_dir} {problem}: choose a directory of your own')
+            lock = checkpoints.RunDirLock(config.local_run_dir)
+            resume_from = choose_checkpoint(config)
+        except ConfigError as e:
+            error = f'config error: {e}'
+        except checkpoints.CheckpointError as e:
+            error = str(e)
     if dist.is_initialized():
-        run_dir = [config.local_run_dir]
-        dist.broadcast_object_list(run_dir, src=0)
-        config.local_run_dir = run_dir[0]
+        shared = [config.local_run_dir, resume_from, error]
+        dist.broadcast_object_list(shared, src=0)
+        config.local_run_dir, resume_from, error = shared
+    if error:
+        sys.exit(error if rank == 0 else 1)
     for key in ('eval_every', 'checkpoint_every'):  # whole batches
         if config[key] and config[key] % config.batch_size:
             config[key] -= config[key] % config.batch_size
     if rank == 0:
         print(OmegaConf.to_yaml(config))
-        os.makedirs(config.local_run_dir, exist_ok=True)
         with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
             OmegaConf.save(config, f)
         print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)
+    return resume_from, lock
 
 
-def worker_main(rank: int, world_size: int, config: DictConfig, resume_from: Optional[str] = None):
+def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
-    `resume_from`), saves."""
+    the checkpoint that `open_run_dir` chose), saves."""
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
-    prepare_run_dir(config, rank)
+    resume_from, lock = open_run_dir(config, rank)
+    try:
+        run_training(rank, world_size, config, resume_from)
+    except checkpoints.CheckpointError as e:  # a full disk, a damaged or unsafe checkpoint: one line
+        sys.exit(str(e) if rank == 0 else 1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f'disk full: {e}; the checkpoints written so far are intact' if rank == 0 else 1)
+    finally:
+        if lock is not None:
+            lock.release()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Optional[str]):
+    """Build the models and the trainer, train (continuing `resume_from`), save the final checkpoint and the HF export."""
+    trainer_class = TRAINERS[config.trainer]
     # BasicTrainer spreads one model over all local GPUs; a distributed trainer gives each rank one GPU
     device_map = 'balanced' if torch.cuda.device_count() > 1 and not trainer_class.distributed else None
     policy, reference_model = build_models(config, device_map=device_map)
-    run_id = torch.load(os.path.join(resume_from, utils.CHECKPOINT_STATE), weights_only=False)['wandb_id'] \
-        if resume_from else None
+    run_id = checkpoints.load_training_state(resume_from, config.trust_checkpoint_code)['wandb_id'] \
+        if resume_from and rank == 0 else None
     if rank == 0:
         init_wandb(config, run_id)
     try:
@@ -275,8 +332,6 @@ def worker_main(rank: int, world_size: int, config: DictConfig, resume_from: Opt
         trainer.export_hf()
     if rank == 0:
         print(f'run directory: {config.local_run_dir}', flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @hydra.main(version_base=None, config_path='config', config_name='config')
@@ -288,17 +343,21 @@ def main(config: DictConfig):
                   else max(1, torch.cuda.device_count()) if distributed else 1)
     try:
         check_config(config, world_size)
-        resume_from = resume_checkpoint(config)
+        if config.model.archive is not None and not config.trust_checkpoint_code:
+            checkpoints.load_archive(config.model.archive, mmap=True)  # refused before anything is written
+        resume_run_dir(config)
     except ConfigError as e:
         sys.exit(f'config error: {e}')
+    except checkpoints.CheckpointError as e:
+        sys.exit(str(e))
     if distributed and not under_torchrun:
         # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
         os.environ.setdefault('MASTER_ADDR', 'localhost')
         os.environ['MASTER_PORT'] = str(config.fsdp_port or utils.get_open_port())
         print(f'{config.trainer}: starting one process per local GPU ({world_size})', flush=True)
-        mp.spawn(worker_main, nprocs=world_size, args=(world_size, config, resume_from), join=True)
+        mp.spawn(worker_main, nprocs=world_size, args=(world_size, config), join=True)
     else:
-        worker_main(int(os.environ.get('RANK', 0)), world_size, config, resume_from)
+        worker_main(int(os.environ.get('RANK', 0)), world_size, config)
 
 
 if __name__ == '__main__':

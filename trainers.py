@@ -5,6 +5,7 @@ implementation of its equation in tests/test_losses.py), then `concatenated_forw
 forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
 Distributed trainers subclass BasicTrainer and override only its named hooks.
 """
+import inspect
 import json
 import math
 import os
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+import checkpoints
+import pair_layout
 import preference_datasets
 import token_stats
 import utils
@@ -53,6 +56,14 @@ def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_pro
     logps = logits[:, :-1].float().log_softmax(-1)
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return _masked_sum(token_logps, mask, average_log_prob)
+
+
+def _row_logps(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
+               n_sequences: int) -> torch.Tensor:
+    """`_get_batch_logps` on flattened positions: logits (M, V); rows (N,) the positions that predict
+    response tokens `targets` (N,) of sequences `seq` (N,) (pair_layout.response_rows) -> (n_sequences,)."""
+    token_logps = logits[rows].float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(n_sequences, device=logits.device).index_add_(0, seq, token_logps)
 
 
 def _tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
@@ -158,17 +169,6 @@ def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
     raise ValueError(f"unknown loss.name={c.name!r}; valid: sft, tdpo, dpo, ipo")
 
 
-def concatenated_inputs(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Stack chosen (first B rows) and rejected (last B rows), right-padded to one length, so that
-    policy and reference each see both in a single forward pass."""
-    length = max(batch['chosen_input_ids'].shape[1], batch['rejected_input_ids'].shape[1])
-    out = {}
-    for key, pad in (('input_ids', 0), ('attention_mask', 0), ('labels', -100)):
-        out[f'concatenated_{key}'] = torch.cat([utils.pad_to_length(batch[f'chosen_{key}'], length, pad),
-                                                utils.pad_to_length(batch[f'rejected_{key}'], length, pad)])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Trainers
 # ----------------------------------------------------------------------------------------------
@@ -184,15 +184,16 @@ class NonFiniteError(RuntimeError):
 class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
-    Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
+    Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
+    `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
+    `load_model_state`, and the class attributes below.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
-    # the fused statistics call the decoder and read the output weight directly, outside the model's forward
-    can_fuse_stats = True
     # the ranks split each batch between them (data parallel); tensor-parallel ranks all see the whole batch
     splits_batches = True
+    # counters that training_state.pt holds and a resumed run continues from
+    RESUMED = ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak')
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
@@ -203,38 +204,42 @@ class BasicTrainer:
         self.preference_loss = None if self.is_sft else build_preference_loss(config.loss)
         cache_dir = utils.get_local_dir(config.local_dirs)
         self.tokenizer = utils.load_tokenizer(config.model, cache_dir)
-        data = dict(tokenizer=self.tokenizer, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                    sft_mode=self.is_sft, cache_dir=cache_dir, silent=rank != 0, on_bad_example=config.on_bad_example)
-        # Local files hold out eval_fraction of their prompts, unless eval data is named: then the
-        # training files are used whole, and so are the named eval files.
-        held_out = config.eval_fraction if not config.eval_datasets else 0.0
-        self.train_examples = preference_datasets.load_examples(config.datasets, split='train', eval_fraction=held_out, **data)
+        self.train_examples = preference_datasets.load_split(config, self.tokenizer, 'train', cache_dir, silent=rank != 0)
         self.eval_examples = []
         if config.n_eval_examples:
-            eval_examples = preference_datasets.load_examples(config.eval_datasets or config.datasets, split='test',
-                                                              eval_fraction=1.0 if config.eval_datasets else held_out, **data)
+            eval_examples = preference_datasets.load_split(config, self.tokenizer, 'test', cache_dir, silent=rank != 0)
             random.Random(seed).shuffle(eval_examples)
             n_eval = min(config.n_eval_examples, len(eval_examples))
             self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
-        self.stats_impl = config.stats_impl
-        if self.stats_impl == 'fused' and (not self.can_fuse_stats or token_stats.output_head(self.policy) is None):
-            utils.rank0_print(f"stats_impl=fused: not with this model's output layer under {type(self).__name__}; "
-                              f"using 'chunked'")
-            self.stats_impl = 'chunked'
+        self.stats_impl = self.choose_stats_impl()
+        self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
         self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
         self.last_eval = self.last_checkpoint = None
+        self.loaded_checkpoint = None  # (directory, examples seen) after a resume
         self.nonfinite_updates = self.nonfinite_streak = 0  # skipped updates: total, and in a row
         self.pending_metrics = defaultdict(list)  # training metrics not yet logged
         self.stop_signal = None
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
+        self.pair_layout = self.choose_pair_layout(config.pair_layout)
 
     # ---- hooks ---------------------------------------------------------------------------------
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        """The dtype the policy's forward computes in: its weights' (FSDPTrainer: its mixed precision)."""
+        return model_config.policy_dtype
+
+    @classmethod
+    def reference_dtype(cls, model_config: DictConfig) -> str:
+        """model.reference_dtype, or where it is null the policy's compute dtype: a reference equal to the
+        policy then computes exactly what the policy does (SeqKL 0 and loss log 2 at the start)."""
+        return model_config.reference_dtype or cls.policy_compute_dtype(model_config)
 
     def wrap_models(self, policy, reference_model):
         """Place the models; a model already split over GPUs by device_map stays where it is."""
@@ -251,6 +256,10 @@ class BasicTrainer:
     def clip_gradient(self) -> float:
         return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm).item()
 
+    def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
+        """(R, L, H) hidden states that `model` feeds into its output layer, for model_inputs `inputs`."""
+        return token_stats.final_hidden_states(model, **inputs)
+
     def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
         """Sampled continuations (B, new tokens) of the left-padded prompts."""
         prompt = batch['prompt_input_ids']
@@ -262,52 +271,48 @@ class BasicTrainer:
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
-    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """Write a checkpoint directory (default `<run_dir>/LATEST`): policy.pt, optimizer.pt and
-        scheduler.pt in the reference's format, and training_state.pt for resuming. The directory
-        appears only once complete."""
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        files = {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
-                 'scheduler.pt': self.scheduler.state_dict()}
-        if self.rank == 0:
-            with utils.atomic_directory(output_dir) as tmp:
-                self._write_checkpoint(tmp, files, metrics)
-            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
+    def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
+        """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;
+        a state dict every rank writes its shards of, or None). Every rank calls it."""
+        return {'policy.pt': self.policy_state_dict(), 'optimizer.pt': self.optimizer.state_dict(),
+                'scheduler.pt': self.scheduler.state_dict()}, None
 
-    def _write_checkpoint(self, directory: str, files: Dict[str, Dict], metrics: Optional[Dict]):
-        for name, state in files.items():
-            torch.save({'step_idx': self.example_counter, 'state': state, 'metrics': metrics or {}},
-                       os.path.join(directory, name))
-        torch.save(self.training_state(), os.path.join(directory, utils.CHECKPOINT_STATE))
+    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
+        """Write a checkpoint directory (default `<run_dir>/LATEST`) with checkpoints.save: the files of
+        `checkpoint_files` and training_state.pt, appearing only complete; then prune old ones."""
+        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
+        if (os.path.realpath(output_dir), self.example_counter) == self.loaded_checkpoint:
+            return  # this state is the checkpoint just loaded: never rewrite it
+        files, sharded = self.checkpoint_files()
+        checkpoints.save(output_dir, self.example_counter, files, self.training_state(), metrics, sharded,
+                         self.rank, self.world_size)
+        if self.rank == 0:
+            checkpoints.prune(self.run_dir, self.config.keep_checkpoints)
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
-        load = lambda name: torch.load(os.path.join(checkpoint_dir, name), map_location='cpu', weights_only=False)
-        self.policy.load_state_dict(load('policy.pt')['state'])
-        self.optimizer.load_state_dict(load('optimizer.pt')['state'])
-        self.scheduler.load_state_dict(load('scheduler.pt')['state'])
+        load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
+        self.policy.load_state_dict(load('policy.pt'))
+        self.optimizer.load_state_dict(load('optimizer.pt'))
+        self.scheduler.load_state_dict(load('scheduler.pt'))
 
     def load_training_state(self, checkpoint_dir: str):
         """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
         data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
         self.load_model_state(checkpoint_dir)
-        state = torch.load(os.path.join(checkpoint_dir, utils.CHECKPOINT_STATE), weights_only=False)
-        for key in ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak'):
+        state = checkpoints.load_training_state(checkpoint_dir, self.config.trust_checkpoint_code)
+        for key in self.RESUMED:
             setattr(self, key, state[key])
-        utils.set_rng_state(state['rng'])
-        if self.rank == 0 and os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                kept = [line for line in f if json.loads(line)['step'] <= self.example_counter]
-            with open(self.metrics_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(self.metrics_path + '.tmp', self.metrics_path)
+        checkpoints.set_rng_state(state['rng'])
+        self.last_checkpoint = self.example_counter
+        self.loaded_checkpoint = (os.path.realpath(checkpoint_dir), self.example_counter)
+        if self.rank == 0:
+            checkpoints.truncate_metrics(self.metrics_path, self.example_counter)
         utils.rank0_print(f'resumed from {checkpoint_dir} after {self.example_counter} examples')
 
     def training_state(self) -> Dict:
         import wandb
-        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
-                'last_eval': self.last_eval, 'nonfinite_updates': self.nonfinite_updates,
-                'nonfinite_streak': self.nonfinite_streak, 'rng': utils.rng_state(),
+        return {**{key: getattr(self, key) for key in self.RESUMED}, 'rng': checkpoints.rng_state(),
                 'wandb_id': wandb.run.id if wandb.run is not None else None}
 
     def any_rank(self, flag: bool) -> bool:
@@ -330,37 +335,85 @@ class BasicTrainer:
 
     # ---- forward and metrics -------------------------------------------------------------------
 
+    def choose_stats_impl(self) -> str:
+        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: an output layer
+        that is not a plain linear map on a device."""
+        if self.config.stats_impl != 'fused' or self.is_sft:
+            return self.config.stats_impl
+        if token_stats.output_head(self.policy) is None:
+            utils.rank0_print("stats_impl=fused: not with this model's output layer; using 'chunked'")
+            return 'chunked'
+        return 'fused'
+
+    def check_fused_stats(self, batch: Dict):
+        """Once per run, on the first preference batch: the logits the fused statistics stand for (final
+        hidden states @ output weight) must equal each model's own; if not, use 'chunked' (saying why)."""
+        if self.stats_impl != 'fused' or self.fused_stats_checked:
+            return
+        self.fused_stats_checked = True
+        ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
+        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
+                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask, self.final_hidden_states))
+        if self.any_rank(problem is not None):
+            utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
+            self.stats_impl = 'chunked'
+    def choose_pair_layout(self, layout: str) -> str:
+        """`layout`, or 'padded' (with one message naming why) if a model cannot take its masks."""
+        if layout == 'padded':
+            return layout
+        for model in (self.policy, self.reference_model):
+            reason = model is not None and (pair_layout.prepare_model(model)
+                                            or pair_layout.check_model(model, len(self.tokenizer)))
+            if reason:
+                utils.rank0_print(f"pair_layout={layout}: {reason}; using 'padded'")
+                return 'padded'
+        return layout
+
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
         """Chosen and rejected through the policy in one pass and through the reference in one pass
-        (no grad) -> per-sequence statistics for the chosen half and the rejected half, computed as
-        `stats_impl` says: naive (the reference's full-vocabulary tensors), chunked (same logits,
-        bounded memory) or fused (from hidden states; full logits never exist). All are exact."""
-        inputs = concatenated_inputs(batch)
-        ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+        (no grad), laid out as `pair_layout` says (padded, shared or packed: pair_layout.py) ->
+        per-sequence statistics for the chosen half and the rejected half, computed as `stats_impl`
+        says: naive (the reference's full-vocabulary tensors), chunked (same logits, bounded memory,
+        response rows only) or fused (from hidden states; full logits never exist). All are exact."""
+        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length)
+        n = layout.n_sequences
         if self.stats_impl == 'fused':
-            hidden = token_stats.final_hidden_states(self.policy, ids, mask)
+            hidden = self.final_hidden_states(self.policy, pair_layout.model_inputs(layout, self.policy))
             with torch.no_grad():
-                reference_hidden = token_stats.final_hidden_states(self.reference_model, ids, mask)
-            stats = token_stats.fused_sequence_stats(hidden, token_stats.output_head(self.policy), reference_hidden,
-                                                     token_stats.output_head(self.reference_model), labels)
+                reference_hidden = self.final_hidden_states(self.reference_model,
+                                                            pair_layout.model_inputs(layout, self.reference_model))
+            stats = token_stats.fused_row_stats(hidden.flatten(0, 1), token_stats.output_head(self.policy),
+                                                reference_hidden.flatten(0, 1), token_stats.output_head(self.reference_model),
+                                                *pair_layout.response_rows(layout), n)
         else:
-            logits = self.policy(ids, attention_mask=mask).logits
+            logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
             with torch.no_grad():
-                reference_logits = self.reference_model(ids, attention_mask=mask).logits
-            stats_fn = _tdpo_get_batch_logps if self.stats_impl == 'naive' else token_stats.chunked_sequence_stats
-            stats = stats_fn(logits, reference_logits, labels)
-        n = batch['chosen_input_ids'].shape[0]
-        return SequenceStats(*(s[:n] for s in stats)), SequenceStats(*(s[n:] for s in stats))
+                reference_logits = self.reference_model(**pair_layout.model_inputs(layout, self.reference_model)).logits
+            if self.stats_impl == 'naive':
+                stats = _tdpo_get_batch_logps(pair_layout.unpack(layout, logits), pair_layout.unpack(layout, reference_logits),
+                                              layout.labels)
+            else:
+                stats = token_stats.chunked_row_stats(logits.flatten(0, 1), reference_logits.flatten(0, 1),
+                                                      *pair_layout.response_rows(layout), n)
+        return SequenceStats(*(s[:n // 2] for s in stats)), SequenceStats(*(s[n // 2:] for s in stats))
+
+    def sft_logps(self, batch: Dict) -> torch.Tensor:
+        """log πθ(y|x) of each chosen response (B,), padded (the reference's computation) or packed."""
+        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length, sft=True)
+        logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
+        if layout.document is None:
+            return _get_batch_logps(logits, layout.labels)
+        return _row_logps(logits.flatten(0, 1), *pair_layout.response_rows(layout), layout.n_sequences)
 
     def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """Mean loss of the batch and per-example metrics (gathered over ranks), with the reference's names."""
         split = 'train' if train else 'eval'
         values = {}
         if self.is_sft:
-            logits = self.policy(batch['chosen_input_ids'], attention_mask=batch['chosen_attention_mask']).logits
-            chosen_logps = _get_batch_logps(logits, batch['chosen_labels'])
+            chosen_logps = self.sft_logps(batch)
             losses = -chosen_logps
         else:
+            self.check_fused_stats(batch)
             chosen, rejected = self.concatenated_forward(batch)
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
             chosen_logps = chosen.logps
@@ -587,39 +640,24 @@ class ShardedTrainer(BasicTrainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
-        policy and optimizer in sharded/ (each rank writes its own shards; no rank ever holds the whole
-        optimizer state). All ranks write into rank 0's temporary directory, which rank 0 renames once
-        every rank is done."""
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
+    def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
+        """The full policy.pt (gathered to rank 0) and scheduler.pt as BasicTrainer writes them, and the
+        policy and optimizer as shards that each rank writes (no rank ever holds the whole optimizer state)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
         policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
-        full_policy = self.policy_state_dict()
-        tmp = [f'{output_dir}.tmp-{os.getpid()}']
-        dist.broadcast_object_list(tmp, src=0)
-        dcp.save({'policy': policy_state, 'optimizer': optimizer_state}, checkpoint_id=os.path.join(tmp[0], 'sharded'))
-        dist.barrier()
-        if self.rank == 0:
-            with utils.atomic_directory(output_dir, tmp=tmp[0]) as directory:
-                self._write_checkpoint(directory, {'policy.pt': full_policy, 'scheduler.pt': self.scheduler.state_dict()},
-                                       metrics)
-            utils.prune_checkpoints(self.run_dir, self.config.keep_checkpoints)
-        dist.barrier()  # no rank moves on before the checkpoint exists
+        return ({'policy.pt': self.policy_state_dict(), 'scheduler.pt': self.scheduler.state_dict()},
+                {'policy': policy_state, 'optimizer': optimizer_state})
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
         ranks or another: torch.distributed.checkpoint reshards)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
         policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
         state = {'policy': policy_state, 'optimizer': optimizer_state}
-        dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, 'sharded'))
+        checkpoints.load_sharded(checkpoint_dir, state, self.config.trust_checkpoint_code)
         set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
-        scheduler = torch.load(os.path.join(checkpoint_dir, 'scheduler.pt'), map_location='cpu', weights_only=False)
-        self.scheduler.load_state_dict(scheduler['state'])
+        self.scheduler.load_state_dict(checkpoints.load_state(os.path.join(checkpoint_dir, 'scheduler.pt'),
+                                                              self.config.trust_checkpoint_code))
 
 
 def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module]:
@@ -637,7 +675,10 @@ class FSDPTrainer(ShardedTrainer):
     """Fully sharded data parallel (FSDP2, `fully_shard`): each rank holds 1/world_size of every
     parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
     and backward, and trains on its slice of each batch."""
-    can_fuse_stats = False  # the root module's forward unshards embeddings and head; the fused path skips it
+
+    @classmethod
+    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
+        return model_config.fsdp_policy_mp or model_config.policy_dtype
 
     def wrap_models(self, policy, reference_model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -654,6 +695,19 @@ class FSDPTrainer(ShardedTrainer):
                     fully_shard(block, mesh=mesh, mp_policy=mp_policy)
                 fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
         return policy, reference_model
+
+    def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
+        """Through the root module, whose FSDP hooks unshard embeddings, final norm and output layer (the
+        decoder alone would skip them); FSDP2 keeps the root unsharded until backward ends, so
+        `token_stats.output_head` then reads the full weight. The head runs on one position only."""
+        captured = []
+        hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        head_positions = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(model.forward).parameters else {}
+        try:
+            model(**inputs, use_cache=False, **head_positions)
+        finally:
+            hook.remove()
+        return captured[0]
 
 
 class TensorParallelTrainer(ShardedTrainer):

@@ -2,14 +2,17 @@
 padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
 import contextlib
 import datetime
-import errno
+import fcntl
 import getpass
+import glob
 import importlib.util
 import os
+import pwd
 import random
-import re
 import shutil
 import socket
+import stat
+import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -18,20 +21,68 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 
+def private_dir_problem(path: str) -> Optional[str]:
+    """Why `path` is not a directory of this user's own (None if it is): a symbolic link or a directory
+    that another user made (in a shared scratch directory such as /scr, anyone can create names). A
+    symbolic link of this user's own to a directory of this user's own is fine."""
+    try:
+        link, target = os.lstat(path), os.stat(path)
+    except OSError as e:
+        return f'cannot be used ({e.strerror})'
+    if stat.S_ISLNK(link.st_mode) and link.st_uid != os.getuid():
+        return f'is a symbolic link (to {os.readlink(path)}) made by {_user_name(link.st_uid)}'
+    if not stat.S_ISDIR(target.st_mode):
+        return 'is not a directory'
+    if target.st_uid != os.getuid():
+        return f'belongs to {_user_name(target.st_uid)}, not to you ({_user_name(os.getuid())})'
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return f'{pwd.getpwuid(uid).pw_name} (uid {uid})'
+    except KeyError:
+        return f'uid {uid}'
+
+
+def make_private_dir(path: str) -> Optional[str]:
+    """Create `path` (with the user's umask) unless it exists; None if it is then this user's own, else why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        return f'cannot be created ({e.strerror})'
+    return private_dir_problem(path)
+
+
+_WARNED, _FALLBACK = set(), {}
+
+
 def get_local_dir(prefixes: List[str]) -> str:
-    """The first of `local_dirs` that exists (the reference's scratch-disk order), else the last, created."""
-    for prefix in prefixes:
-        if os.path.isdir(prefix):
-            return prefix
-    os.makedirs(prefixes[-1], exist_ok=True)
-    return prefixes[-1]
+    """This user's directory `<prefix>/<user>` for run directories and caches, under the first of
+    `local_dirs` that exists (the reference's scratch-disk order; the last is created if none does).
+    It must be this user's own (see private_dir_problem): otherwise a warning and the next existing
+    entry, then the last (created), then ~/.cache/tdpo, then a new private temporary directory."""
+    user = getpass.getuser()
+    prefixes = [p for p in prefixes if os.path.isdir(p)] + [prefixes[-1]]
+    for path in list(dict.fromkeys(os.path.join(p, user) for p in prefixes)) + [os.path.expanduser('~/.cache/tdpo')]:
+        problem = make_private_dir(path)
+        if problem is None:
+            return path
+        if (path, problem) not in _WARNED:  # once per process
+            _WARNED.add((path, problem))
+            print(f'warning: not using {path}: it {problem}; trying the next candidate', flush=True)
+    key = tuple(prefixes)
+    if key not in _FALLBACK:
+        _FALLBACK[key] = tempfile.mkdtemp(prefix=f'tdpo-{user}-')
+        print(f'warning: no directory of yours in local_dirs; using {_FALLBACK[key]}', flush=True)
+    return _FALLBACK[key]
 
 
 def get_local_run_dir(exp_name: str, local_dirs: List[str]) -> str:
     """A new run directory's path `<local dir>/<user>/<exp_name>_<timestamp>` (the reference's layout);
     train.py creates it once the config is resolved."""
     now = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S_%f')
-    return os.path.join(get_local_dir(local_dirs), getpass.getuser(), f'{exp_name}_{now}')
+    return os.path.join(get_local_dir(local_dirs), f'{exp_name}_{now}')
 
 
 def rank0_print(*args, **kwargs):
@@ -148,12 +199,33 @@ def _from_hub_or_local(loader, name_or_path: str, what: str, **kwargs):
 
 
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
-    """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it."""
+    """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
+    Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
+    first converts, the others wait and use its result. The directory appears only complete."""
     source = os.path.join(model_config.name_or_path, model_config.gguf_file)
-    stat = os.stat(source)
-    target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{stat.st_size}')
+    size = os.path.getsize(source)
+    target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{size}')
     if os.path.exists(os.path.join(target, 'config.json')):
         return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(f'{target}.lock', 'a') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f'waiting for another process to finish converting {source} into {target}', flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks: converting twice is slower, but still correct
+            pass
+        else:
+            for leftover in glob.glob(glob.escape(target) + '.tmp*'):  # of killed conversions (we hold the lock)
+                shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.exists(os.path.join(target, 'config.json')):
+            return target
+        _convert_gguf(model_config, source, target)
+    return target
+
+
+def _convert_gguf(model_config: DictConfig, source: str, target: str):
     import transformers
     print(f'converting {source} to safetensors in {target} (once; later loads take a second)', flush=True)
     kwargs = dict(gguf_file=model_config.gguf_file)
@@ -161,11 +233,19 @@ def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_config.name_or_path, **kwargs)
     model.hf_quantizer = None  # weights are dequantized already; this makes the model serializable
     del model.config.quantization_config
+    # under torch.distributed, transformers writes model files on rank 0 only; the rank converting here may be
+    # another, and the directory is this process's own until renamed
+    model.should_save_on_this_rank = lambda is_main_process: True
     tmp = f'{target}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
-    return target
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process (without a working lock) finished first: use its copy
+        if not os.path.exists(os.path.join(target, 'config.json')):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_source(model_config: DictConfig, cache_dir: str) -> str:
@@ -227,85 +307,3 @@ def wandb_mode() -> str:
         return 'online'
     except OSError:
         return 'offline'
-
-
-# --------------------------------------------------------------------------------------------------
-# Checkpoint files: atomic directories, discovery, pruning, RNG state
-# --------------------------------------------------------------------------------------------------
-
-CHECKPOINT_STATE = 'training_state.pt'  # present only in complete, resumable checkpoints
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str, tmp: Optional[str] = None):
-    """Yield a temporary directory that replaces `path` only once the block completes, so `path`
-    never names a partial checkpoint. A process killed inside the block leaves only `<path>.tmp-*`.
-    `tmp`: an existing temporary directory that others (e.g. other ranks) have written into."""
-    if tmp is None:
-        tmp = f'{path}.tmp-{os.getpid()}'
-        shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp, exist_ok=True)
-    try:
-        yield tmp
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if e.errno == errno.ENOSPC:
-            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-            raise RuntimeError(f'disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free); '
-                               f'the previous checkpoints are intact') from e
-        raise
-    if os.path.exists(path):
-        old = f'{path}.old-{os.getpid()}'
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
-
-
-def checkpoint_step(checkpoint_dir: str) -> int:
-    return torch.load(os.path.join(checkpoint_dir, CHECKPOINT_STATE), weights_only=False)['example_counter']
-
-
-def latest_checkpoint(run_dir: str) -> Optional[str]:
-    """The complete checkpoint (step-N/, LATEST/, or a LATEST being replaced) with the most examples seen."""
-    if not os.path.isdir(run_dir):
-        return None
-    candidates = [os.path.join(run_dir, d) for d in os.listdir(run_dir)
-                  if re.fullmatch(r'step-\d+|LATEST(\.old-\d+)?', d)
-                  and os.path.exists(os.path.join(run_dir, d, CHECKPOINT_STATE))]
-    return max(candidates, key=checkpoint_step, default=None)
-
-
-def newest_run_dir(exp_name: str, local_dirs: List[str]) -> Optional[str]:
-    """The newest `<exp_name>_<timestamp>` run directory that holds a checkpoint."""
-    parent = os.path.join(get_local_dir(local_dirs), getpass.getuser())
-    pattern = re.escape(exp_name) + r'_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+'
-    runs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, d))
-    return next((os.path.join(parent, d) for d in reversed(runs) if latest_checkpoint(os.path.join(parent, d))), None)
-
-
-def prune_checkpoints(run_dir: str, keep: Optional[int]):
-    """Delete all but the newest `keep` step-N/ checkpoints, and leftovers of interrupted writes."""
-    for d in os.listdir(run_dir):
-        if re.fullmatch(r'.+\.(tmp|old)-\d+', d) and not d.endswith(f'-{os.getpid()}'):
-            shutil.rmtree(os.path.join(run_dir, d), ignore_errors=True)
-    if keep:
-        steps = sorted((int(d[5:]), d) for d in os.listdir(run_dir) if re.fullmatch(r'step-\d+', d))
-        for _, d in steps[:-keep]:
-            shutil.rmtree(os.path.join(run_dir, d))
-
-
-def rng_state() -> Dict:
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict):
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])

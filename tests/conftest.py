@@ -7,3 +7,8 @@ sys.path.insert(0, ROOT)
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('WANDB_MODE', 'offline')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU (tests/test_gpu.py; skipped without one; '
+                                       'bash bench/gpu_check.sh runs them)')

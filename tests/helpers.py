@@ -1,7 +1,11 @@
-"""Shared test fixtures: a synthetic HH-format data file, composed configs and a BasicTrainer on model=tiny."""
+"""Shared test fixtures: a synthetic HH-format data file, composed configs, a BasicTrainer on model=tiny, and a
+planted checkpoint that would create a file if it were unpickled."""
+import contextlib
 import json
 import os
+import subprocess
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -28,7 +32,7 @@ def compose_config(overrides):
         return compose('config', overrides=list(overrides))
 
 
-def make_trainer(tmp_path, loss='tdpo', **overrides):
+def make_trainer(tmp_path, loss='tdpo', perturb=True, **overrides):
     os.makedirs(tmp_path, exist_ok=True)
     settings = {'model': 'tiny', 'loss': loss, 'exp_name': 't', 'datasets': f'[{write_hh_file(tmp_path / "pairs.jsonl")}]',
                 'local_dirs': f'[{CACHE}]', 'local_run_dir': str(tmp_path / 'run'), 'batch_size': 4,
@@ -43,8 +47,39 @@ def make_trainer(tmp_path, loss='tdpo', **overrides):
     os.makedirs(config.local_run_dir, exist_ok=True)
     policy, reference_model = train.build_models(config)
     trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model)
+    if not perturb:  # policy == reference, as a run starts
+        return trainer
     with torch.no_grad():  # move the policy away from the reference, reproducibly
         g = torch.Generator().manual_seed(0)
         for p in trainer.policy.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return trainer
+
+
+class Payload:
+    """Unpickling this creates the file `marker` (what a planted checkpoint could do)."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f'open({self.marker!r}, "w").close()',))
+
+
+def plant(path, marker):
+    """A reference-format checkpoint file that would create `marker` when unpickled."""
+    torch.save({'step_idx': 0, 'state': {'w': Payload(marker)}, 'metrics': {}}, path)
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size: str):
+    """A real small file system of `size` (e.g. '40m') mounted at `path`, to fill up; the test is skipped,
+    saying why, where mounting is not permitted (tests/test_checkpoints.py injects the fault instead)."""
+    os.makedirs(path)
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}); '
+                    f'tests/test_checkpoints.py::test_disk_full_by_fault_injection covers a full disk in-process')
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(['umount', '-l', str(path)], check=False)

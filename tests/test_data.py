@@ -3,6 +3,7 @@ with the real (SmolLM2) tokenizer, masking, truncation, collation, batch iterati
 error messages. Expected values are derived here from the raw rows, the tokenizer itself or by hand,
 never from the output of the code under test."""
 import contextlib
+import glob
 import gzip
 import json
 import os
@@ -381,7 +382,9 @@ def test_local_chat_message_rows(tokenizer):
     assert len(data) == 2
     first = ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n'
              '<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n')
-    assert data[first] == {'responses': ['4', '5'], 'pairs': [(0, 1)], 'sft_target': '4', 'truncation_mode': 'keep_start'}
+    entry = {k: v for k, v in data[first].items() if not k.endswith('_ids')}
+    # chat prompts keep their end when truncated: the generation prompt the response follows must stay
+    assert entry == {'responses': ['4', '5'], 'pairs': [(0, 1)], 'sft_target': '4', 'truncation_mode': 'keep_end'}
     with open(os.path.join(FIXTURES, 'chat_rows.jsonl'), encoding='utf-8') as f:
         row = [json.loads(line) for line in f][1]
     second = tokenizer.apply_chat_template(row['prompt'], tokenize=False, add_generation_prompt=True)
@@ -391,11 +394,13 @@ def test_local_chat_message_rows(tokenizer):
         full = tokenizer.apply_chat_template(row['prompt'] + row[key], tokenize=False)
         response = data[second]['responses'][0 if key == 'chosen' else 1]
         assert full.rstrip('\n') == second + response + tokenizer.eos_token
-    # the response is trained with exactly one end-of-turn token: the appended EOS
+    # the response is trained with exactly one end-of-turn token (the template's, which is EOS here), and the
+    # prompt is tokenized as at inference: the template's special tokens are special
     examples = tokenize_dataset(data, tokenizer, 512, 256, sft_mode=False, silent=True)
     for e in examples:
         assert e.chosen_ids == ids(tokenizer, e.chosen) + [tokenizer.eos_token_id]
         assert e.chosen_ids.count(tokenizer.eos_token_id) == 1
+        assert e.prompt_ids == tokenizer(e.prompt, add_special_tokens=False)['input_ids']
 
 
 def test_mixed_formats_keep_their_own_truncation_mode(tokenizer, tmp_path):
@@ -422,7 +427,7 @@ GOOD = json.dumps({'prompt': 'p', 'chosen': 'c', 'rejected': 'r'})
     (json.dumps({'chosen': '\n\nHuman: hi\n\nHelper: yo', 'rejected': '\n\nHuman: hi\n\nHelper: no'}), ['Assistant']),
     (json.dumps(['prompt', 'chosen', 'rejected']), ['JSON object', 'list']),
     (json.dumps('just a string'), ['JSON object', 'str']),
-    (json.dumps({'chosen': 1, 'rejected': 2}), ['strings']),
+    (json.dumps({'chosen': 1, 'rejected': 2}), ['text or a list of chat messages', 'number']),
     (json.dumps({'prompt': 'p', 'chosen': [{'role': 'assistant', 'content': 'c'}], 'rejected': 'r'}), ['chosen']),
     (json.dumps({'prompt': 'p', 'chosen': 3, 'rejected': 'r'}), ['chosen']),
 ])
@@ -570,7 +575,7 @@ def test_load_examples_cache(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(pd, 'get_dataset', counting)
     first = pd.load_examples([path], tokenizer, 'train', **kwargs)
     assert calls == [path] and len(first) == 4   # the fixture's four pairs
-    assert len(os.listdir(os.path.join(cache, 'tokenized'))) == 1
+    assert len(glob.glob(os.path.join(cache, 'tokenized', '*.safetensors'))) == 1
 
     def fail(*args, **kw):
         raise AssertionError('get_dataset called: the cache was not used')
@@ -590,7 +595,7 @@ def test_load_examples_cache(tokenizer, tmp_path, monkeypatch):
         pd.load_examples([path], tokenizer, 'train', **kwargs)
     monkeypatch.setattr(pd, 'get_dataset', counting)
     assert len(pd.load_examples([path], tokenizer, 'train', **{**kwargs, 'max_length': 65})) == 5
-    assert len(os.listdir(os.path.join(cache, 'tokenized'))) == 2
+    assert len(glob.glob(os.path.join(cache, 'tokenized', '*.safetensors'))) == 2
 
 
 def test_hh_split_is_the_same_in_another_process(hh_splits):

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from helpers import CACHE, ROOT, write_hh_file
+from helpers import CACHE, ROOT, small_tmpfs, write_hh_file
 
 COMMON = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
           'max_prompt_length=32', 'eval_fraction=0.25', 'n_eval_examples=8', 'n_eval_model_samples=4',
@@ -40,7 +40,7 @@ def read_samples(run_dir):
 
 
 def final_policy(run_dir):
-    return torch.load(os.path.join(run_dir, 'LATEST', 'policy.pt'), map_location='cpu', weights_only=False)['state']
+    return torch.load(os.path.join(run_dir, 'LATEST', 'policy.pt'), map_location='cpu', weights_only=True)['state']
 
 
 def assert_same_run(expected_dir, got_dir):
@@ -121,3 +121,23 @@ def test_sharded_checkpoints_load_back(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert proc.stdout.count('checkpoint ok') == 4, proc.stdout  # 2 trainers x 2 ranks
+
+
+def test_sharded_checkpoint_on_a_full_disk_stops_every_rank_with_one_line(tmp_path):
+    """FSDPTrainer's checkpoints are written by every rank (torch.distributed.checkpoint) besides rank 0's
+    policy.pt; on a real 64 MB disk step-4 (51 MB: policy.pt and the shards) fits and step-8 does not: every
+    rank stops, rank 0 says so in one line, the partial directory is gone and step-4 still verifies."""
+    import checkpoints
+    with small_tmpfs(tmp_path / 'disk', '64m') as disk:
+        run_dir = os.path.join(disk, 'run')
+        args = [*COMMON, 'loss=sft', f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]', 'trainer=FSDPTrainer',
+                'exp_name=full', f'local_run_dir={run_dir}', 'n_eval_examples=0', 'n_examples=12', 'checkpoint_every=4']
+        proc = subprocess.run([*TORCHRUN, 'train.py', *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                              capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        lines = [line[line.index('disk full'):] for line in out.splitlines() if 'disk full' in line]
+        assert len(lines) == 1 and lines[0].startswith(f'disk full while writing checkpoint {run_dir}/step-8 ('), out[-4000:]
+        assert 'checkpoints.py", line' not in out and 'trainers.py", line' not in out, out[-4000:]
+        assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
+        assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4

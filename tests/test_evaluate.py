@@ -135,3 +135,34 @@ def test_bad_inputs_name_the_problem(tmp_path):
         proc = subprocess.run([sys.executable, 'evaluate.py', *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=300)
         assert proc.returncode != 0 and message in proc.stdout + proc.stderr, (args, proc.stderr[-2000:])
+
+
+def test_evaluation_computes_in_the_precision_the_run_trained_in(tmp_path):
+    """Issue 14: evaluate.py reads the policy's run config.yaml, so the KL it reports is the KL the run trained
+    against: an FSDP run with bfloat16 mixed precision computed its policy and (reference_dtype null) its
+    reference in bfloat16; a model without a run is evaluated in float32."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import utils
+    from helpers import compose_config
+    run_dir, pairs = tmp_path / 'run', write_hh_file(tmp_path / 'pairs.jsonl', n=5)
+    checkpoint = run_dir / 'step-4'
+    checkpoint.mkdir(parents=True)
+    model = utils.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
+    torch.save({'step_idx': 4, 'state': model.state_dict(), 'metrics': {}}, checkpoint / 'policy.pt')  # untrained
+    for reference_dtype, expected in ((None, ('bfloat16', 'bfloat16')), ('float32', ('bfloat16', 'float32'))):
+        overrides = ['model=tiny', 'loss=tdpo', 'exp_name=x', f'local_dirs=[{CACHE}]', f'local_run_dir={run_dir}',
+                     'trainer=FSDPTrainer', 'model.fsdp_policy_mp=bfloat16']
+        config = compose_config(overrides + ([f'model.reference_dtype={reference_dtype}'] if reference_dtype else []))
+        OmegaConf.resolve(config)
+        OmegaConf.save(config, run_dir / 'config.yaml')
+        assert evaluate.run_dtypes(*evaluate.resolve_model_path(str(checkpoint))) == expected
+    assert evaluate.run_dtypes(*evaluate.resolve_model_path('model:tiny')) == ('float32', 'float32')
+    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
+        eval_config = compose('evaluate', overrides=[f'policy={checkpoint}', 'reference=model:tiny', f'prompts={pairs}',
+                                                     *SMALL, 'score_reference=false'])
+        result = evaluate.evaluate(eval_config)
+        assert next(evaluate.load(str(checkpoint), 'bfloat16')[0].parameters()).dtype == torch.bfloat16
+    assert (result['policy_dtype'], result['reference_dtype']) == ('bfloat16', 'float32')
+    assert result['kl'] != 0  # the same weights, in bfloat16 against float32: the precision is in the KL

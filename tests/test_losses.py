@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import pair_layout
 import trainers
 from trainers import SequenceStats, _get_batch_logps, _tdpo_get_batch_logps, preference_loss, tdpo_loss
 
@@ -220,7 +221,7 @@ def test_concatenated_inputs_pads_and_stacks():
              'chosen_labels': torch.tensor([[-100, 2, 3]]),
              'rejected_input_ids': torch.tensor([[1, 4, 5, 6, 7]]), 'rejected_attention_mask': torch.ones(1, 5, dtype=torch.long),
              'rejected_labels': torch.tensor([[-100, 4, 5, 6, 7]])}
-    out = trainers.concatenated_inputs(batch)
+    out = pair_layout.concatenated_inputs(batch)
     assert out['concatenated_input_ids'].tolist() == [[1, 2, 3, 0, 0], [1, 4, 5, 6, 7]]
     assert out['concatenated_attention_mask'].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert out['concatenated_labels'].tolist() == [[-100, 2, 3, -100, -100], [-100, 4, 5, 6, 7]]

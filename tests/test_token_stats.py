@@ -222,7 +222,7 @@ def test_hf_model_helpers():
     ids, labels = torch.randint(0, V, (B, T), generator=g), make_labels(g)
     mask = torch.ones_like(ids)
     mask[2, 7:] = 0
-    assert token_stats.check_fused_head(policy, ids, mask)
+    assert token_stats.fused_head_mismatch(policy, ids, mask) is None
     assert token_stats.output_head(policy) is policy.get_input_embeddings().weight  # tied
     w = upstream(11)
     expected = chunked_sequence_stats(policy(input_ids=ids, attention_mask=mask).logits,
@@ -239,3 +239,28 @@ def test_hf_model_helpers():
     assert_close([p.grad for p in policy.parameters()], expected_grads, atol=1e-5)
     policy.config.final_logit_softcapping = 30.0
     assert token_stats.output_head(policy) is None
+
+
+def test_fused_stats_place_tensors_of_a_model_split_over_devices(monkeypatch):
+    """Issue 14: BasicTrainer on several GPUs splits each model over them (device_map='balanced'): the final
+    hidden states come out on the GPU of the last block, while the labels and a tied output layer sit on
+    the first, and the reference's layer may sit on yet another. FakeTensorMode pretends numbered devices
+    on a CPU (shapes and devices, no values; 'meta:N', since a CPU build of torch cannot index pretended
+    CUDA tensors) and raises on any op that mixes two of them, as CUDA does. The forward runs here; values,
+    gradients and the backward across devices are tests/test_gpu.py's."""
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+    hidden, weight, ref_hidden, ref_weight, labels = make_inputs()
+    rows, targets, seq = token_stats.response_rows(labels)  # data-dependent (nonzero): on real values, here
+    monkeypatch.setattr(token_stats, 'COMPILE', False)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, torch.no_grad():  # no autograd: it needs real devices
+        fake_rows = [mode.from_tensor(x) for x in (rows, targets, seq)]
+        monkeypatch.setattr(token_stats, 'response_rows', lambda l: tuple(x.to(l.device) for x in fake_rows))
+        on = lambda x, device: mode.from_tensor(x).to(device)
+        policy_head = on(weight, 'meta:0')
+        with pytest.raises(FakeTensorDeviceMismatchError):  # what an unplaced projection does
+            on(hidden, 'meta:1') @ policy_head.T
+        for ref_head_device in ('meta:0', 'meta:2'):
+            stats = fused_sequence_stats(on(hidden, 'meta:1'), policy_head, on(ref_hidden, 'meta:1'),
+                                         on(ref_weight, ref_head_device), on(labels, 'meta:3'), chunk_rows=4)
+            assert [(s.shape, str(s.device)) for s in stats] == [((B,), 'meta:0')] * 3

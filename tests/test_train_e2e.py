@@ -32,7 +32,7 @@ def read_metrics(run_dir):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location='cpu', weights_only=False)
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def test_sft_then_tdpo_from_archive(tmp_path):
@@ -90,7 +90,7 @@ def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
     run_dir = str(tmp_path / 'run')
     run_train([*SMALL, 'loss=sft', f'datasets=[{data}]', 'exp_name=dbg', f'local_run_dir={run_dir}', 'n_examples=4',
                'debug=true', 'n_eval_examples=0'], tmp_path)
-    assert sorted(os.listdir(run_dir)) == ['config.yaml', 'metrics.jsonl']
+    assert sorted(os.listdir(run_dir)) == ['.lock', 'config.yaml', 'metrics.jsonl']
 
 
 @pytest.mark.parametrize('args, message', [
@@ -130,3 +130,21 @@ def test_fewer_examples_than_one_batch_is_a_data_error(tmp_path):
     code, out = run_train([*SMALL, 'loss=sft', 'exp_name=x', f'datasets=[{data}]', f'local_run_dir={tmp_path}/r',
                            'n_eval_examples=0', 'wandb.enabled=false'], tmp_path, expect_ok=False)
     assert code != 0 and 'fewer than one batch of 4' in out and 'Traceback' not in out, out[-2000:]
+
+
+def test_fsdp_bfloat16_run_starts_with_zero_kl_and_log2(tmp_path):
+    """Issue 14: under FSDPTrainer with bfloat16 mixed precision the policy computes in bfloat16, and the
+    default reference precision (model.reference_dtype=null) follows it, so a run starting from policy ==
+    reference logs SeqKL 0 and loss log 2 at its first evaluation (a float16 or float32 reference does not:
+    tests/test_trainer.py). initializer_range=0.3: logits of a trained model's size."""
+    data = write_hh_file(tmp_path / 'pairs.jsonl')
+    run_dir = str(tmp_path / 'fsdp_bf16')
+    _, out = run_train([*SMALL, 'loss=tdpo', 'trainer=FSDPTrainer', 'model.fsdp_policy_mp=bfloat16',
+                        '+model.random_init.initializer_range=0.3', f'datasets=[{data}]', 'exp_name=fsdp_bf16',
+                        f'local_run_dir={run_dir}', 'n_examples=4', 'sample_during_eval=false', 'wandb.enabled=false'],
+                       tmp_path)
+    assert 'reference model in bfloat16' in out
+    first_eval = next(m for m in read_metrics(run_dir) if m['split'] == 'eval')
+    assert first_eval['step'] == 0
+    assert abs(first_eval['kl_eval/chosen']) < 1e-5 and abs(first_eval['kl_eval/rejected']) < 1e-5, first_eval
+    assert first_eval['loss/eval'] == pytest.approx(math.log(2), abs=1e-6)

@@ -1,11 +1,14 @@
 """BasicTrainer on model=tiny: the one concatenated forward equals separate forwards, gradient
-accumulation equals one large batch, and every preference loss logs the reference's metrics."""
+accumulation equals one large batch, and every preference loss logs the reference's metrics; the fused
+statistics check themselves on the first batch; the reference computes in the policy's precision."""
+import math
 
 import pytest
 import torch
 
+import token_stats
 import trainers
-from helpers import make_trainer, write_hh_file
+from helpers import compose_config, make_trainer, write_hh_file
 
 
 def test_concatenated_forward_equals_separate_forwards(tmp_path):
@@ -86,3 +89,110 @@ def test_named_eval_files_are_used_whole_and_so_are_training_files(tmp_path):
     assert len(trainer.train_examples) == 48 and len(trainer.eval_examples) == 10
     held_out = make_trainer(tmp_path / 'split', n_eval_examples=100, eval_fraction=0.25)
     assert 0 < len(held_out.eval_examples) < 48 and len(held_out.train_examples) + len(held_out.eval_examples) == 48
+
+
+# ---- issue 14: the fused statistics check themselves; the reference computes as the policy does ----
+
+def scale_logits(model, factor):
+    """Make `model` a subclass whose forward multiplies its logits by `factor`: its config and output layer
+    look plain, so only a numerical check can tell that its logits are not final hidden states @ weight."""
+    class ScaledLogits(type(model)):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * factor
+            return output
+    model.__class__ = ScaledLogits
+
+
+def test_fused_stats_check_falls_back_to_chunked_when_the_forward_scales_logits(tmp_path, capsys):
+    trainer = make_trainer(tmp_path)
+    for model in (trainer.policy, trainer.reference_model):
+        scale_logits(model, 1.5)
+    assert trainer.stats_impl == 'fused'  # output_head cannot see the scaling
+    batch = next(iter(trainer.train_batches()))
+    inputs = trainers.concatenated_inputs(batch)
+    ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+    with torch.no_grad():  # what the run must compute: the statistics of the models' own logits
+        want = trainers._tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
+                                              trainer.reference_model(ids, attention_mask=mask).logits, labels)
+        unchecked, _ = trainer.concatenated_forward(batch)  # the fused path unchecked: wrong statistics
+        assert not torch.allclose(unchecked.position_kl, want[1][:4], rtol=1e-2)
+        _, metrics = trainer.get_batch_metrics(batch)
+    out = capsys.readouterr().out
+    assert trainer.stats_impl == 'chunked' and out.count("using 'chunked'") == 1, out
+    assert "stats_impl=fused: ScaledLogits's own logits differ from its final hidden states @ output weight" in out
+    torch.testing.assert_close(torch.tensor(metrics['kl_train/chosen']), want[1][:4], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(metrics['kl_train/rejected']), want[1][4:], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        trainer.get_batch_metrics(batch)
+    assert "using 'chunked'" not in capsys.readouterr().out  # one message per run
+
+
+def test_fused_stats_check_keeps_fused_for_a_plain_model(tmp_path, capsys, monkeypatch):
+    trainer = make_trainer(tmp_path)
+    calls = []
+    check = token_stats.fused_head_mismatch
+    monkeypatch.setattr(token_stats, 'fused_head_mismatch', lambda *a: calls.append(1) or check(*a))
+    batch = next(iter(trainer.train_batches()))
+    for _ in range(2):
+        with torch.no_grad():
+            trainer.get_batch_metrics(batch)
+    assert trainer.stats_impl == 'fused' and trainer.fused_stats_checked
+    assert len(calls) == 2  # policy and reference, on the first batch only
+    assert "using 'chunked'" not in capsys.readouterr().out
+
+
+def test_offloaded_output_layer_uses_chunked(tmp_path, capsys):
+    """device_map='balanced' offloads what does not fit (accelerate keeps such weights on 'meta' and loads
+    them inside the forward): the fused path cannot read the output weight, so the trainer uses chunked."""
+    import accelerate
+    trainer = make_trainer(tmp_path)
+    batch = next(iter(trainer.train_batches()))
+    trainer.stats_impl = 'naive'
+    with torch.no_grad():
+        want, _ = trainer.concatenated_forward(batch)
+    accelerate.cpu_offload(trainer.policy, execution_device=torch.device('cpu'))
+    assert trainer.policy.get_output_embeddings().weight.device.type == 'meta'
+    assert trainer.choose_stats_impl() == 'chunked' and "using 'chunked'" in capsys.readouterr().out
+    trainer.stats_impl = 'chunked'
+    with torch.no_grad():
+        got, _ = trainer.concatenated_forward(batch)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('trainer_name, overrides, expected', [
+    ('BasicTrainer', {}, 'float32'),
+    ('BasicTrainer', {'policy_dtype': 'bfloat16'}, 'bfloat16'),
+    ('BasicTrainer', {'fsdp_policy_mp': 'bfloat16'}, 'float32'),       # BasicTrainer has no mixed precision
+    ('FSDPTrainer', {'fsdp_policy_mp': 'bfloat16'}, 'bfloat16'),
+    ('TensorParallelTrainer', {'policy_dtype': 'bfloat16'}, 'bfloat16'),
+    ('FSDPTrainer', {'fsdp_policy_mp': 'bfloat16', 'reference_dtype': 'float16'}, 'float16'),  # explicit wins
+    ('BasicTrainer', {'reference_dtype': 'float32', 'policy_dtype': 'bfloat16'}, 'float32'),
+])
+def test_reference_dtype_follows_the_policy_compute_dtype(trainer_name, overrides, expected):
+    config = compose_config(['exp_name=x', 'model=pythia28', *(f'model.{k}={v}' for k, v in overrides.items())])
+    assert getattr(trainers, trainer_name).reference_dtype(config.model) == expected
+
+
+@pytest.mark.parametrize('policy_dtype, reference_dtype, equal', [
+    ('float32', None, True), ('bfloat16', None, True), ('bfloat16', 'float32', False), ('float32', 'float16', False)])
+def test_policy_equal_to_reference_gives_zero_kl_and_log2_at_the_first_evaluation(tmp_path, policy_dtype,
+                                                                                    reference_dtype, equal):
+    """The default reference precision (null) is the policy's, so a run starting from policy == reference
+    logs SeqKL 0 and loss log 2 (to float32 rounding); a reference in another precision (explicit) does not.
+    initializer_range=0.3 gives the random model logits of a trained model's size (near 0, precision hardly
+    shows)."""
+    overrides = {'model.policy_dtype': policy_dtype, '+model.random_init.initializer_range': 0.3,
+                 'n_eval_examples': 8, 'eval_fraction': 0.25, 'eval_batch_size': 4, 'sample_during_eval': False}
+    if reference_dtype:
+        overrides['model.reference_dtype'] = reference_dtype
+    trainer = make_trainer(tmp_path, perturb=False, **overrides)
+    assert trainer.reference_model.dtype == getattr(torch, reference_dtype or policy_dtype)
+    metrics = trainer.evaluate()
+    kl = max(abs(metrics['kl_eval/chosen']), abs(metrics['kl_eval/rejected']))
+    loss_error = abs(metrics['loss/eval'] - math.log(2))
+    if equal:  # measured: KL <= 3e-6 (compiled float32 reductions round differently for z and r), loss <= 5e-8
+        assert kl < 1e-5 and loss_error < 1e-6, (kl, loss_error)
+    else:      # measured: KL 0.052 (bf16 policy, fp32 reference) and 6.7e-4 (fp32 policy, fp16 reference)
+        assert kl > 1e-4 and loss_error > 1e-5, (kl, loss_error)
