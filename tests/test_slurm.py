@@ -17,14 +17,25 @@ import time
 import pytest
 
 import train
+import utils
 from helpers import CACHE, ROOT, write_hh_file
 
 TINY = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
         'max_prompt_length=32', 'n_examples=8', 'n_eval_examples=0', 'optimizer=SGD', 'lr=1e-2', 'warmup_steps=0',
         'minimum_log_interval_secs=0', 'wandb.enabled=false']
 # CPU processes instead of GPUs, on this machine's 2 cores
-SBATCH_CPU = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=2', '--mem=8G', '--time=15',
-              f'--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},OMP_NUM_THREADS=1,HF_HUB_OFFLINE=1']
+SBATCH_CPU = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=2', '--mem=8G', '--time=15']
+# how long a job may wait in the queue (behind other jobs on this one node) and then run (here 20 to 100 s; the
+# preemption test's jobs include a requeue)
+START_LIMIT, RUN_LIMIT = 1200, 600
+
+
+def job_env(**variables):
+    """sbatch --export: CPU processes, the test's python, and a rendezvous port free now (multi_node.sbatch), so
+    that a process left on a fixed port cannot hold the job up."""
+    variables = dict(NPROC_PER_NODE=2, PYTHON=sys.executable, OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1,
+                     RDZV_PORT=utils.get_open_port(), **variables)
+    return '--export=ALL,' + ','.join(f'{k}={v}' for k, v in variables.items())
 
 
 @pytest.fixture(scope='module')
@@ -38,18 +49,68 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def submit(script, args, output, options, name):
+    """Submit slurm/<script> with train.py's overrides `args`; its job id."""
+    proc = subprocess.run(['sbatch', '--parsable', f'--job-name={name}', f'--output={output}', *options,
+                           os.path.join('slurm', script), *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip().split(';')[0]
+
+
+def command_output(command):
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return f'$ {" ".join(command)}\n{proc.stdout}{proc.stderr}'
+
+
+def job_report(job_id, output):
+    """What there is to see of a job that failed or did not end: the tail of its output, Slurm's view of it (state,
+    reason, node) and its steps, and the queue it is in."""
+    log = output.read_text()[-5000:] if output.exists() else '(no output file)'
+    return '\n'.join([f'--- output of job {job_id} ({output}), last 5000 characters:', log,
+                      command_output(['scontrol', 'show', 'job', job_id]),
+                      command_output(['sacct', '-P', '-D', '-j', job_id, '-o',
+                                      'JobID,JobName,State,ExitCode,Reason,Submit,Start,Elapsed']),
+                      command_output(['squeue', '-o', '%i %j %u %T %M %l %C %R'])])
+
+
+def wait_for_jobs(jobs, run_limit=RUN_LIMIT, start_limit=START_LIMIT, poll=lambda: None):
+    """Wait until no job of `jobs` ({job id: output file}) is queued or running, calling `poll` about twice a second.
+    A job that waits to start longer than start_limit seconds, or runs (requeued runs included) longer than
+    run_limit after its first start, fails the test with every unfinished job's report, and is cancelled."""
+    submitted, started, states = time.time(), {}, dict.fromkeys(jobs, 'PENDING')
+    while True:
+        poll()
+        queue = subprocess.run(['squeue', '-h', '-o', '%i %T'], capture_output=True, text=True)
+        if queue.returncode == 0:  # else (slurmctld busy) as at the last look
+            states = {job_id: state for job_id, state in map(str.split, queue.stdout.splitlines()) if job_id in jobs}
+        if not states:
+            return
+        now = time.time()
+        for job_id, state in states.items():
+            if state != 'PENDING':
+                started.setdefault(job_id, now)
+        late = [f'job {job_id} waited over {start_limit} s to start' for job_id in states
+                if job_id not in started and now - submitted > start_limit]
+        late += [f'job {job_id} ran over {run_limit} s' for job_id in states
+                 if job_id in started and now - started[job_id] > run_limit]
+        if late:
+            reports = [job_report(job_id, jobs[job_id]) for job_id in states]
+            subprocess.run(['scancel', *states], capture_output=True)
+            pytest.fail('; '.join(late) + ' (cancelled)\n' + '\n'.join(reports), pytrace=False)
+        time.sleep(0.5)
+
+
 def sbatch(script, args, tmp_path):
-    output = tmp_path / f'{os.path.basename(script)}.out'
-    job_name = f'test_{os.getpid()}_{script}'
+    """Run slurm/<script> as a job on CPU, to its end; its output."""
+    output = tmp_path / f'{script}.out'
+    job_id = submit(script, args, output, [*SBATCH_CPU, job_env()], f'test_{os.getpid()}_{script}')
     try:
-        proc = subprocess.run(['sbatch', '--wait', f'--job-name={job_name}', f'--output={output}', *SBATCH_CPU,
-                               os.path.join('slurm', script), *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired:
-        subprocess.run(['scancel', f'--name={job_name}'])
-        raise
-    log = output.read_text() if output.exists() else ''
-    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-6000:]
-    return log
+        wait_for_jobs({job_id: output})
+    finally:
+        subprocess.run(['scancel', job_id], capture_output=True)
+    runs = [run[1:] for run in job_history(job_id) if run[0] == job_id]
+    assert runs == [['COMPLETED', '0:0']], job_report(job_id, output)
+    return output.read_text()
 
 
 def test_sbatch_scripts_train_on_two_processes(slurm_cluster, tmp_path):
@@ -107,31 +168,26 @@ def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, t
     resumes from step-N and completes, logging each step once. Both jobs run at once (one CPU each) to keep the
     test short."""
     data = write_hh_file(tmp_path / 'pairs.jsonl')
-    cpu = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=1', '--mem=6G', '--time=20',
-           f'--export=ALL,NPROC_PER_NODE=2,PYTHON={sys.executable},OMP_NUM_THREADS=1,HF_HUB_OFFLINE=1']
+    options = ['--nodes=1', '--gpus-per-node=0', '--cpus-per-task=1', '--mem=6G', '--time=20', job_env()]
     jobs = {}  # script -> (job id, signal, run dir, output file)
     try:
         for script, signal_name in (('multi_node.sbatch', 'TERM'), ('single_node.sbatch', 'USR1')):
             run_dir, output = tmp_path / script.split('.')[0], tmp_path / f'{script}.out'
-            proc = subprocess.run(['sbatch', '--parsable', f'--job-name=test_{os.getpid()}_preempt', f'--output={output}',
-                                   *cpu, os.path.join('slurm', script), *TINY, 'loss=tdpo', f'datasets=[{data}]',
-                                   'exp_name=preempt', f'local_run_dir={run_dir}', 'n_examples=32',
-                                   'stats_impl=naive'],  # naive: no torch.compile, so each start is shorter
-                                  cwd=ROOT, capture_output=True, text=True, check=True)
-            jobs[script] = (proc.stdout.strip().split(';')[0], signal_name, run_dir, output)
-        signalled, deadline = set(), time.time() + 900
-        while time.time() < deadline:
+            job_id = submit(script, [*TINY, 'loss=tdpo', f'datasets=[{data}]', 'exp_name=preempt',
+                                     f'local_run_dir={run_dir}', 'n_examples=32',
+                                     'stats_impl=naive'],  # naive: no torch.compile, so each start is shorter
+                            output, options, f'test_{os.getpid()}_preempt')
+            jobs[script] = (job_id, signal_name, run_dir, output)
+        signalled = set()
+
+        def signal_running_jobs():  # once training runs (metrics.jsonl): the test is of a checkpoint, then 75
             for script, (job_id, signal_name, run_dir, _) in jobs.items():
-                # after the first update the training processes handle the signal
                 if script not in signalled and (run_dir / 'metrics.jsonl').exists():
                     subprocess.run(['scancel', f'--signal={signal_name}', '--batch', job_id], check=True)
                     signalled.add(script)
-            if not subprocess.run(['squeue', '-h', '-j', ','.join(j[0] for j in jobs.values())],
-                                  capture_output=True, text=True).stdout.strip():
-                break
-            time.sleep(0.5)
-        else:
-            pytest.fail(f'jobs still queued or running after 15 min: {jobs}')
+
+        wait_for_jobs({job_id: output for job_id, _, _, output in jobs.values()}, run_limit=900,
+                      poll=signal_running_jobs)
     finally:
         for job_id, *_ in jobs.values():
             subprocess.run(['scancel', job_id], capture_output=True)
@@ -140,11 +196,11 @@ def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, t
         log = output.read_text()
         stopped = re.search(rf'stopped by signal (\d+) after (\d+) examples; checkpoint in '
                             rf'{re.escape(str(run_dir))}/step-(\d+)', log)
-        assert stopped and int(stopped[1]) == getattr(signal, f'SIG{signal_name}'), log[-6000:]
+        assert stopped and int(stopped[1]) == getattr(signal, f'SIG{signal_name}'), job_report(job_id, output)
         step = int(stopped[2])
         assert 4 <= step < 32 and int(stopped[3]) == step
         # both training processes exited 75 (torchrun's summary), then the batch script requeued the job
-        assert len(re.findall(r'exitcode\s*: 75 ', log)) == 2, log[-6000:]
+        assert len(re.findall(r'exitcode\s*: 75 ', log)) == 2, job_report(job_id, output)
         requeued = log.index(f'batch script: the training processes checkpointed and exited 75; requeueing Slurm '
                              f'job {job_id} and exiting 75')
         assert stopped.start() < requeued < log.index(f'resumed from {run_dir}/step-{step} after {step} examples')
