@@ -273,6 +273,7 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
 def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
     the checkpoint that `open_run_dir` chose), saves."""
+    trainers.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
@@ -318,7 +319,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         print(e, flush=True)
         # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
         # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
+        for signum in trainers.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,24 +240,38 @@ def scontrol_calls(tmp_path):
     return calls.read_text().splitlines() if calls.exists() else []
 
 
-def test_train_py_requeues_its_job_when_it_is_the_jobs_own_process(tmp_path):
+@pytest.mark.parametrize('when', ['training', 'starting'])
+def test_train_py_requeues_its_job_when_it_is_the_jobs_own_process(tmp_path, when):
     """SIGUSR1 to `python train.py` started directly by a batch script (a Slurm job without Slurm: fake squeue and
-    scontrol): it checkpoints, requeues the job itself, and exits 75."""
+    scontrol): it requeues the job itself and exits 75, after a checkpoint once training runs; while the run
+    starts (the models load), without one (the signal used to kill it: a failed job, not requeued)."""
     data = write_hh_file(tmp_path / 'pairs.jsonl')
     run_dir = tmp_path / 'run'
     proc = subprocess.Popen([sys.executable, '-u', 'train.py', *TINY, 'loss=tdpo', f'datasets=[{data}]', 'exp_name=requeue',
                              f'local_run_dir={run_dir}', 'n_examples=4000', 'stats_impl=naive'], cwd=ROOT,
                             env=fake_slurm_job(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        while not (run_dir / 'metrics.jsonl').exists():  # after the first update the trainer handles the signal
-            assert proc.poll() is None, proc.communicate()[0][-4000:]
-            time.sleep(0.1)
+        if when == 'starting':  # the run directory is ready; the models, the data and the trainer are not
+            head = ''
+            while not head.endswith(f'Writing to {socket.gethostname()}:{run_dir}\n'):
+                line = proc.stdout.readline()
+                assert line, head[-4000:]
+                head += line
+        else:
+            while not (run_dir / 'metrics.jsonl').exists():  # after the first update
+                assert proc.poll() is None, proc.communicate()[0][-4000:]
+                time.sleep(0.1)
         proc.send_signal(signal.SIGUSR1)
         out = proc.communicate(timeout=300)[0]
     finally:
         proc.kill()
     assert proc.returncode == 75, out[-4000:]
-    stopped = re.search(rf'stopped by signal 10 after \d+ examples; checkpoint in {re.escape(str(run_dir))}/step-\d+', out)
+    if when == 'starting':
+        stopped = re.search(r'stopped by signal 10 before the first update \(after 0 examples\): no new checkpoint', out)
+        assert not list(run_dir.glob('step-*')) and not (run_dir / 'metrics.jsonl').exists(), 'it trained'
+    else:
+        stopped = re.search(rf'stopped by signal 10 after \d+ examples; checkpoint in {re.escape(str(run_dir))}/step-\d+',
+                            out)
     assert stopped and out.index('requeueing Slurm job 4242') > stopped.start(), out[-4000:]
     assert scontrol_calls(tmp_path) == ['requeue 4242']
 
