@@ -222,16 +222,20 @@ def test_signal_to_batch_shell_checkpoints_requeues_and_resumes(slurm_cluster, t
 
 
 def fake_slurm_job(tmp_path, state='RUNNING', **variables):
-    """The environment of a Slurm job without Slurm: SLURM_JOB_ID, a fake squeue that says the job is in `state`,
-    and a fake scontrol that appends its arguments to tmp_path/scontrol.calls."""
+    """The environment of a Slurm job on one node, localhost, without Slurm: SLURM_JOB_ID and the rest, a fake
+    squeue that says the job is in `state`, a fake scontrol that names the node (`show hostnames`) or appends its
+    arguments to tmp_path/scontrol.calls, and a fake srun that writes its arguments to tmp_path/srun.calls."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
-    for command, script in (('squeue', f'echo {state}'), ('scontrol', f'echo "$@" >> {tmp_path / "scontrol.calls"}')):
+    for command, script in (
+            ('squeue', f'echo {state}'),
+            ('scontrol', f'if [ "$1" = show ]; then echo localhost; else echo "$@" >> {tmp_path / "scontrol.calls"}; fi'),
+            ('srun', f'echo "$@" > {tmp_path / "srun.calls"}')):
         (bin_dir / command).write_text(f'#!/bin/sh\n{script}\n')
         (bin_dir / command).chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != 'TDPO_BATCH_SCRIPT_REQUEUES'}
-    env.update(PATH=f'{bin_dir}:{env["PATH"]}', SLURM_JOB_ID='4242', SLURM_SUBMIT_DIR=ROOT, OMP_NUM_THREADS='1',
-               HF_HUB_OFFLINE='1')
+    env = {k: v for k, v in os.environ.items() if k not in ('TDPO_BATCH_SCRIPT_REQUEUES', 'RDZV_PORT')}
+    env.update(PATH=f'{bin_dir}:{env["PATH"]}', SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='localhost',
+               SLURM_JOB_NUM_NODES='1', SLURM_SUBMIT_DIR=ROOT, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
     return dict(env, **variables)
 
 
@@ -341,3 +345,61 @@ def test_batch_script_requeues_only_after_the_training_processes_exit_75(tmp_pat
     else:
         assert scontrol_calls(tmp_path) == [] and 'requeueing Slurm job' not in out
         assert ('batch script: the training processes failed (exit code 3); not requeueing' in out) == (expected == 3)
+
+
+def listening_socket(port):
+    """A socket listening on `port` that never answers (as a stuck process would hold a port), or None if the port
+    is taken."""
+    sock = socket.socket()
+    try:
+        sock.bind(('', port))
+    except OSError:
+        sock.close()
+        return None
+    sock.listen()
+    return sock
+
+
+def held_port():
+    """(a socket listening on a port of 29500-30498, that port), the next port being free."""
+    for port in range(29500, 30499):
+        held = listening_socket(port)
+        if held is None:
+            continue
+        following = listening_socket(port + 1)
+        if following is not None:
+            following.close()
+            return held, port
+        held.close()
+    pytest.fail('no two free ports in 29500-30499')
+
+
+@pytest.mark.parametrize('case', ['default', 'default_taken', 'given_taken'])
+def test_multi_node_rendezvous_port_is_free_and_differs_between_jobs(tmp_path, case):
+    """multi_node.sbatch's rendezvous port (a Slurm job without Slurm: fake scontrol and srun): 29500 + the job id
+    modulo 1000, the next port if that one is taken, and a given RDZV_PORT that is taken stops the job with one line
+    instead of starting torchrun, whose c10d rendezvous would join the listener and wait (it waited over 3 minutes,
+    until killed, for a listener that never answered)."""
+    held, port = held_port()
+    if case == 'default':
+        held.close()
+    variables = {'SLURM_JOB_ID': str(7000 + port - 29500), 'NPROC_PER_NODE': '2', 'PYTHON': sys.executable}
+    if case == 'given_taken':
+        variables['RDZV_PORT'] = str(port)
+    try:
+        proc = subprocess.run(['bash', 'slurm/multi_node.sbatch', 'model=tiny'], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env=fake_slurm_job(tmp_path, **variables))
+    finally:
+        held.close()
+    out = proc.stdout + proc.stderr
+    srun = tmp_path / 'srun.calls'
+    if case == 'given_taken':
+        assert proc.returncode == 1 and not srun.exists(), out
+        assert out.strip() == f'batch script: no free rendezvous port on localhost (tried {port} to {port}): set ' \
+                              f'RDZV_PORT', out
+    else:
+        expected = port if case == 'default' else port + 1
+        assert proc.returncode == 0, out
+        assert f'batch script: rendezvous at localhost:{expected}' in out
+        assert f' --rdzv-id {variables["SLURM_JOB_ID"]} --rdzv-backend c10d --rdzv-endpoint localhost:{expected} ' \
+               in srun.read_text()
