@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+import lora
 import preference_datasets
 import token_stats
 import trainers
@@ -83,14 +84,34 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
+    check_lora_config(config.lora, trainer_class)
+
+
+def check_lora_config(lora_config: DictConfig, trainer_class):
+    """The lora.* keys (LoRA: adapters on a frozen policy; null lora.r = full fine-tuning)."""
+    if lora_config.r is None:
+        return
+    if isinstance(lora_config.r, bool) or not isinstance(lora_config.r, int) or lora_config.r < 1:
+        raise ConfigError(f'lora.r must be null (full fine-tuning) or a positive integer, got {lora_config.r!r}')
+    if not lora_config.alpha > 0:
+        raise ConfigError(f'lora.alpha must be positive, got {lora_config.alpha}')
+    if not 0 <= lora_config.dropout < 1:
+        raise ConfigError(f'lora.dropout must be in [0, 1), got {lora_config.dropout}')
+    if not lora_config.target_modules:
+        raise ConfigError('lora.target_modules is empty: name module names (e.g. [q_proj,v_proj]) or all-linear')
+    if not trainer_class.supports_lora:
+        raise ConfigError(f'lora.r: trainer={trainer_class.__name__} does not train LoRA adapters; use '
+                          f'{", ".join(name for name, cls in TRAINERS.items() if cls.supports_lora)}')
 
 
 def build_models(config: DictConfig, device_map=None):
-    """Policy, and for preference losses a frozen reference; both get `model.archive` weights if set."""
+    """Policy, and for preference losses a frozen reference; both get `model.archive` weights if set.
+    With LoRA (lora.r set) the policy gets adapters and no reference is loaded: the reference is the
+    policy with its adapters disabled."""
     cache_dir = utils.get_local_dir(config.local_dirs)
     policy = utils.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
     reference_model = None
-    if config.loss.name in PREFERENCE_LOSSES:
+    if config.loss.name in PREFERENCE_LOSSES and not lora.enabled(config.lora):
         reference_model = utils.load_model(config.model, config.model.reference_dtype, cache_dir, device_map=device_map)
         reference_model.requires_grad_(False)
         reference_model.eval()
@@ -98,10 +119,24 @@ def build_models(config: DictConfig, device_map=None):
         archive = torch.load(config.model.archive, map_location='cpu', weights_only=False)
         print(f"loading weights at step {archive['step_idx']} from {config.model.archive} "
               f"with metrics {json.dumps(archive['metrics'], indent=2)}")
+        if lora.holds_adapter(archive['state']):
+            raise ConfigError(f'model.archive={config.model.archive} holds a LoRA adapter, not full weights: use '
+                              f'that run\'s merged export instead, model.name_or_path=<run dir>/hf')
         for model in (policy, reference_model):
             if model is not None:
                 model.load_state_dict(archive['state'])
+    if lora.enabled(config.lora):
+        policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
     return policy, reference_model
+
+
+def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:
+    """Where the policy's initial weights can be loaded from (hub id or directory), recorded in the exported
+    LoRA adapter; None when no such place exists (random init, or model.archive weights)."""
+    if config.model.random_init or config.model.archive:
+        return None
+    source = utils.resolve_model_source(config.model, cache_dir)
+    return os.path.abspath(source) if os.path.exists(source) else source
 
 
 def init_wandb(config: DictConfig, run_id: Optional[str] = None):
@@ -180,7 +215,10 @@ def worker_main(rank: int, world_size: int, config: DictConfig, resume_from: Opt
     prepare_run_dir(config, rank)
     # BasicTrainer spreads one model over all local GPUs; a distributed trainer gives each rank one GPU
     device_map = 'balanced' if torch.cuda.device_count() > 1 and not trainer_class.distributed else None
-    policy, reference_model = build_models(config, device_map=device_map)
+    try:
+        policy, reference_model = build_models(config, device_map=device_map)
+    except ConfigError as e:
+        sys.exit(f'config error: {e}')
     run_id = torch.load(os.path.join(resume_from, utils.CHECKPOINT_STATE), weights_only=False)['wandb_id'] \
         if resume_from else None
     if rank == 0:
