@@ -5,6 +5,7 @@ implementation of its equation in tests/test_losses.py), then `concatenated_forw
 forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
 Distributed trainers subclass BasicTrainer and override only its named hooks.
 """
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+import lora
 import preference_datasets
 import token_stats
 import utils
@@ -185,7 +187,9 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `wrap_models`, `clip_gradient`,
-    `policy_state_dict`, `generate`, `save`, `load_training_state`, and the class attributes below.
+    `policy_state_dict`, `load_policy_state_dict`, `generate`, `save`, `load_training_state`, and the class
+    attributes below. `reference_forward` is where the reference runs: a frozen copy, or with LoRA the
+    policy with its adapters disabled.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -193,6 +197,8 @@ class BasicTrainer:
     can_fuse_stats = True
     # the ranks split each batch between them (data parallel); tensor-parallel ranks all see the whole batch
     splits_batches = True
+    # trains a LoRA policy (lora.r set; see lora.py)
+    supports_lora = True
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
@@ -227,7 +233,8 @@ class BasicTrainer:
         optimizers = ('RMSprop', 'AdamW', 'Adam', 'SGD')
         if config.optimizer not in optimizers:
             raise ValueError(f'unknown optimizer={config.optimizer!r}; valid: {", ".join(optimizers)}')
-        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # with LoRA: the adapters
+        self.optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
@@ -262,8 +269,27 @@ class BasicTrainer:
                                 pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return output[:, prompt.shape[1]:]
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+    @contextlib.contextmanager
+    def reference_forward(self):
+        """Yields the model to run as the reference, in no-grad mode: the frozen reference model, or with
+        LoRA the policy itself with its adapters disabled (the same weights, so no second copy)."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                yield self.reference_model
+            else:
+                with lora.adapters_disabled(self.policy) as reference:
+                    yield reference
+
+    def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
+        """The policy's weights on CPU. trainable_only (what checkpoints hold): without the frozen ones, so
+        with LoRA only the adapter; in full fine-tuning every weight."""
+        frozen = lora.frozen_names(self.policy) if trainable_only else set()
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items() if k not in frozen}
+
+    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
+        """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
+        result = self.policy.load_state_dict(state, strict=False)
+        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, 'the checkpoint\'s policy.pt')
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
         """Write a checkpoint directory (default `<run_dir>/LATEST`): policy.pt, optimizer.pt and
@@ -286,7 +312,7 @@ class BasicTrainer:
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
         load = lambda name: torch.load(os.path.join(checkpoint_dir, name), map_location='cpu', weights_only=False)
-        self.policy.load_state_dict(load('policy.pt')['state'])
+        self.load_policy_state_dict(load('policy.pt')['state'])
         self.optimizer.load_state_dict(load('optimizer.pt')['state'])
         self.scheduler.load_state_dict(load('scheduler.pt')['state'])
 
@@ -322,13 +348,18 @@ class BasicTrainer:
         return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
-        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
-        state = self.policy_state_dict()  # every rank takes part in gathering a sharded policy
+        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer;
+        with LoRA the adapter merged into it, and the adapter alone in <run dir>/adapter."""
+        state = self.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
         if self.rank != 0:
             return
         output_dir = output_dir or os.path.join(self.run_dir, 'hf')
-        self.policy.save_pretrained(output_dir, state_dict=state)
-        self.tokenizer.save_pretrained(output_dir)
+        if lora.is_lora(self.policy):
+            adapter_dir, _ = lora.export(self.policy, state, self.run_dir, self.tokenizer, output_dir)
+            utils.rank0_print(f'exported the LoRA adapter to {adapter_dir}')
+        else:
+            self.policy.save_pretrained(output_dir, state_dict=state)
+            self.tokenizer.save_pretrained(output_dir)
         utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
     # ---- forward and metrics -------------------------------------------------------------------
@@ -342,14 +373,15 @@ class BasicTrainer:
         ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
         if self.stats_impl == 'fused':
             hidden = token_stats.final_hidden_states(self.policy, ids, mask)
-            with torch.no_grad():
-                reference_hidden = token_stats.final_hidden_states(self.reference_model, ids, mask)
+            with self.reference_forward() as reference:
+                reference_hidden = token_stats.final_hidden_states(reference, ids, mask)
+                reference_head = token_stats.output_head(reference)
             stats = token_stats.fused_sequence_stats(hidden, token_stats.output_head(self.policy), reference_hidden,
-                                                     token_stats.output_head(self.reference_model), labels)
+                                                     reference_head, labels)
         else:
             logits = self.policy(ids, attention_mask=mask).logits
-            with torch.no_grad():
-                reference_logits = self.reference_model(ids, attention_mask=mask).logits
+            with self.reference_forward() as reference:
+                reference_logits = reference(ids, attention_mask=mask).logits
             stats_fn = _tdpo_get_batch_logps if self.stats_impl == 'naive' else token_stats.chunked_sequence_stats
             stats = stats_fn(logits, reference_logits, labels)
         n = batch['chosen_input_ids'].shape[0]
@@ -384,8 +416,10 @@ class BasicTrainer:
         """Sampled completions from the policy and (for preference losses) the reference."""
         decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         policy_samples = decode(self.generate(self.policy, batch))
-        reference_samples = [] if self.is_sft else decode(self.generate(self.reference_model, batch))
-        return policy_samples, reference_samples
+        if self.is_sft:
+            return policy_samples, []
+        with self.reference_forward() as reference:
+            return policy_samples, decode(self.generate(reference, batch))
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -584,10 +618,19 @@ class ShardedTrainer(BasicTrainer):
         # every forward is collective: a rank whose samples all ended keeps stepping until all have
         return super().generate(model, batch, synced_gpus=True, **generate_kwargs)
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full policy on CPU on rank 0, an empty dict on the others; every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
+        """The full policy (trainable_only: without frozen weights, so with LoRA the adapter) on CPU on rank 0,
+        an empty dict on the others; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        return get_model_state_dict(self.policy, options=self._state_dict_options(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+
+    @staticmethod
+    def _state_dict_options(**options):
+        """Checkpoints hold trainable weights only (with LoRA the adapter), so loads are not strict: the
+        loaded keys are checked by lora.check_loaded_keys instead."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(**{'ignore_frozen_params': True, 'strict': False, **options})
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
         """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
@@ -598,7 +641,7 @@ class ShardedTrainer(BasicTrainer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=self._state_dict_options())
         full_policy = self.policy_state_dict()
         tmp = [f'{output_dir}.tmp-{os.getpid()}']
         dist.broadcast_object_list(tmp, src=0)
@@ -616,10 +659,13 @@ class ShardedTrainer(BasicTrainer):
         ranks or another: torch.distributed.checkpoint reshards)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        options = self._state_dict_options()
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=options)
         state = {'policy': policy_state, 'optimizer': optimizer_state}
         dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, 'sharded'))
-        set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
+        result = set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'],
+                                optim_state_dict=state['optimizer'], options=options)
+        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, f'{checkpoint_dir}/sharded')
         scheduler = torch.load(os.path.join(checkpoint_dir, 'scheduler.pt'), map_location='cpu', weights_only=False)
         self.scheduler.load_state_dict(scheduler['state'])
 
@@ -654,7 +700,9 @@ class FSDPTrainer(ShardedTrainer):
             if model is not None:
                 for block in transformer_blocks(model, self.config.model.block_name):
                     fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-                fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
+                # the rest: embeddings, final norm, head; of a LoRA policy's transformers model, whose forward
+                # generate() calls directly
+                fully_shard(lora.base_model(model), mesh=mesh, mp_policy=mp_policy)
         return policy, reference_model
 
 
@@ -663,6 +711,7 @@ class TensorParallelTrainer(ShardedTrainer):
     weight (transformers' `base_model_tp_plan`: column-wise, then row-wise with one all-reduce), and all
     ranks compute on the whole batch together. Launch with torchrun, one process per GPU of a node."""
     splits_batches = False
+    supports_lora = False  # the plan's column- and row-wise styles apply to nn.Linear, not to peft's LoRA layers
 
     def wrap_models(self, policy, reference_model):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
