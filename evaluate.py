@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import lora
 import preference_datasets
 import trainers
 import utils
@@ -127,13 +128,46 @@ def _hf_model(path: str):
 
 
 def _checkpoint_model(checkpoint: str):
-    """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt."""
+    """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt
+    (a LoRA run's holds the adapter: merged into the run's base model)."""
     run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
     cache_dir = utils.get_local_dir(list(run_config.local_dirs))
     model = utils.load_model(run_config.model, 'float32', cache_dir)
-    model.load_state_dict(torch.load(os.path.join(checkpoint, 'policy.pt'), map_location='cpu',
-                                     mmap=True, weights_only=False)['state'])
+    state = torch.load(os.path.join(checkpoint, 'policy.pt'), map_location='cpu', mmap=True, weights_only=True)['state']
+    if lora.holds_adapter(state):
+        policy = lora.wrap(_with_archive(model, run_config), run_config.lora, run_config.seed)
+        lora.load_adapter(policy, state, f'{checkpoint}/policy.pt')
+        model = policy.merge_and_unload()
+    else:
+        model.load_state_dict(state)
     return model, utils.load_tokenizer(run_config.model, cache_dir)
+
+
+def _with_archive(model, run_config: DictConfig):
+    """The base weights of a LoRA run: its model, with the model.archive it started from loaded."""
+    if run_config.model.archive:
+        model.load_state_dict(torch.load(run_config.model.archive, map_location='cpu', weights_only=True)['state'])
+    return model
+
+
+def _adapter_model(path: str):
+    """A LoRA adapter directory (a run's adapter/ export), merged into its base model: the run's (from the
+    config.yaml beside it) or else the base_model_name_or_path its adapter_config.json names."""
+    import peft
+    import transformers
+    run_config_path = os.path.join(os.path.dirname(path), 'config.yaml')
+    if os.path.exists(run_config_path):
+        run_config = OmegaConf.load(run_config_path)
+        cache_dir = utils.get_local_dir(list(run_config.local_dirs))
+        base = _with_archive(utils.load_model(run_config.model, 'float32', cache_dir), run_config)
+    else:
+        base_path = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
+        if not base_path:
+            raise ValueError(f'{path}: a LoRA adapter whose base model is not recorded (random init or model.archive '
+                             f'weights): evaluate it inside its run directory, or its merged hf/ export')
+        base = _hf_model(base_path)[0]
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def _config_model(name: str):
@@ -153,13 +187,16 @@ def _config_model(name: str):
 
 def resolve_model_path(spec: str) -> Tuple[str, str]:
     """(kind, path) of a model spec: ('config', name) for `model:<name>`; ('hf', dir) for a Hugging Face
-    directory or a run directory's hf/ export; ('checkpoint', dir) for a directory with policy.pt, or a
-    run directory without hf/ (its newest checkpoint)."""
+    directory or a run directory's hf/ export; ('adapter', dir) for a LoRA adapter directory (a run's
+    adapter/ export); ('checkpoint', dir) for a directory with policy.pt, or a run directory without hf/
+    (its newest checkpoint)."""
     if spec.startswith('model:'):
         return 'config', spec[len('model:'):]
     path = os.path.abspath(spec)
     if os.path.exists(os.path.join(path, 'config.json')):
         return 'hf', path
+    if os.path.exists(os.path.join(path, 'adapter_config.json')):
+        return 'adapter', path
     if os.path.exists(os.path.join(path, 'policy.pt')):
         return 'checkpoint', path
     if os.path.exists(os.path.join(path, 'hf', 'config.json')):
@@ -168,12 +205,14 @@ def resolve_model_path(spec: str) -> Tuple[str, str]:
     if checkpoint is not None:
         return 'checkpoint', checkpoint
     raise ValueError(f'{spec}: not a run directory (with hf/ or a checkpoint), a checkpoint directory (with '
-                     f'policy.pt), a Hugging Face model directory (with config.json), or model:<config name>')
+                     f'policy.pt), a Hugging Face model directory (with config.json), a LoRA adapter directory '
+                     f'(with adapter_config.json), or model:<config name>')
 
 
 def examples_seen(kind: str, path: str) -> Optional[int]:
-    """Training examples behind a model: a checkpoint's counter (an hf/ export: its run's LATEST); else None."""
-    if kind == 'hf' and os.path.basename(path) == 'hf':
+    """Training examples behind a model: a checkpoint's counter (an hf/ or adapter/ export: its run's LATEST);
+    else None."""
+    if kind in ('hf', 'adapter') and os.path.basename(path) in ('hf', lora.ADAPTER_EXPORT_DIR):
         path = os.path.join(os.path.dirname(path), 'LATEST')
     state = os.path.join(path, utils.CHECKPOINT_STATE)
     if kind == 'config' or not os.path.exists(state):
@@ -184,7 +223,8 @@ def examples_seen(kind: str, path: str) -> Optional[int]:
 def load(spec: str):
     """(model in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec."""
     kind, path = resolve_model_path(spec)
-    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'checkpoint': _checkpoint_model}[kind](path)
+    model, tokenizer = {'config': _config_model, 'hf': _hf_model, 'adapter': _adapter_model,
+                        'checkpoint': _checkpoint_model}[kind](path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     utils.disable_dropout(model)
@@ -209,10 +249,11 @@ _REFERENCE_CACHE: Dict = {}  # multirun: the reference model and its scored samp
 
 def default_out(kind: str, path: str) -> str:
     """eval.json beside the evaluated weights: in the checkpoint directory, or in the run directory for
-    an hf/ export."""
+    an hf/ (or adapter/) export."""
     if kind == 'config':
         raise ValueError('policy=model:<name> has no directory of its own: set out=<path.json>')
-    return os.path.join(os.path.dirname(path) if os.path.basename(path) == 'hf' else path, 'eval.json')
+    export = os.path.basename(path) in ('hf', lora.ADAPTER_EXPORT_DIR)
+    return os.path.join(os.path.dirname(path) if export else path, 'eval.json')
 
 
 def score(model, tokenizer, prompts: List[str], config: DictConfig, reward_fn, name: str) -> Dict:
