@@ -248,12 +248,11 @@ _REFERENCE_CACHE: Dict = {}  # multirun: the reference model and its scored samp
 
 
 def default_out(kind: str, path: str) -> str:
-    """eval.json beside the evaluated weights: in the checkpoint directory, or in the run directory for
-    an hf/ (or adapter/) export."""
+    """eval.json beside the evaluated weights: in the checkpoint (or adapter) directory, or in the run
+    directory for an hf/ export."""
     if kind == 'config':
         raise ValueError('policy=model:<name> has no directory of its own: set out=<path.json>')
-    export = os.path.basename(path) in ('hf', lora.ADAPTER_EXPORT_DIR)
-    return os.path.join(os.path.dirname(path) if export else path, 'eval.json')
+    return os.path.join(os.path.dirname(path) if os.path.basename(path) == 'hf' else path, 'eval.json')
 
 
 def score(model, tokenizer, prompts: List[str], config: DictConfig, reward_fn, name: str) -> Dict:

@@ -42,6 +42,15 @@ def wrap(model: torch.nn.Module, lora_config: DictConfig, seed: int, base_name_o
         warnings.filterwarnings('ignore', message='.*is_gradient_checkpointing.*')  # transformers 5 deprecation, inside peft
         torch.manual_seed(seed)
         policy = peft.get_peft_model(model, config)
+    adapted = [name for name, module in policy.named_modules() if isinstance(module, peft.tuners.lora.LoraLayer)]
+    unmatched = [t for t in ([] if isinstance(targets, str) else targets)
+                 if not any(name == t or name.endswith('.' + t) for name in adapted)]
+    if unmatched:  # peft only fails when no name matches; a typo in one of several would go unnoticed
+        raise ValueError(f'lora.target_modules: no module of {type(model).__name__} is named {", ".join(unmatched)}')
+    if isinstance(policy.get_output_embeddings(), peft.tuners.lora.LoraLayer) and \
+            getattr(model.config.get_text_config(), 'tie_word_embeddings', False):
+        raise ValueError(f'lora.target_modules={targets} adapts the output layer, which this model ties to its input '
+                         f'embedding: the merged export could not hold both; leave the output layer out')
     # peft would record the model files' path, wrong for a random init or a model.archive on top of them
     policy.peft_config[ADAPTER].base_model_name_or_path = base_name_or_path or ''
     return policy

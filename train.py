@@ -126,7 +126,10 @@ def build_models(config: DictConfig, device_map=None):
             if model is not None:
                 model.load_state_dict(archive['state'])
     if lora.enabled(config.lora):
-        policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
+        try:
+            policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
+        except ValueError as e:  # e.g. peft: target modules not found in the model
+            raise ConfigError(f'lora: {e}') from e
     return policy, reference_model
 
 

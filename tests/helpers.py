@@ -28,7 +28,7 @@ def compose_config(overrides):
         return compose('config', overrides=list(overrides))
 
 
-def make_trainer(tmp_path, loss='tdpo', **overrides):
+def make_trainer(tmp_path, loss='tdpo', perturb=True, **overrides):
     os.makedirs(tmp_path, exist_ok=True)
     settings = {'model': 'tiny', 'loss': loss, 'exp_name': 't', 'datasets': f'[{write_hh_file(tmp_path / "pairs.jsonl")}]',
                 'local_dirs': f'[{CACHE}]', 'local_run_dir': str(tmp_path / 'run'), 'batch_size': 4,
@@ -43,8 +43,9 @@ def make_trainer(tmp_path, loss='tdpo', **overrides):
     os.makedirs(config.local_run_dir, exist_ok=True)
     policy, reference_model = train.build_models(config)
     trainer = trainers.BasicTrainer(policy, config, config.seed, config.local_run_dir, reference_model=reference_model)
-    with torch.no_grad():  # move the policy away from the reference, reproducibly
-        g = torch.Generator().manual_seed(0)
-        for p in trainer.policy.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    if perturb:
+        with torch.no_grad():  # move the policy away from the reference, reproducibly
+            g = torch.Generator().manual_seed(0)
+            for p in trainer.policy.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
     return trainer
