@@ -75,8 +75,15 @@ def adapters_disabled(policy: torch.nn.Module):
 
 
 def frozen_names(model: torch.nn.Module) -> set:
-    """State-dict names of the frozen parameters (with LoRA: every base weight; in full fine-tuning: none)."""
+    """State-dict names of the frozen parameters (with LoRA: every base weight; in full fine-tuning: none),
+    tied ones under each of their names."""
     return {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_state(model: torch.nn.Module, state: Dict) -> Dict:
+    """A state dict of `model` without the frozen weights: what checkpoints hold (with LoRA: the adapter)."""
+    frozen = frozen_names(model)
+    return {k: v for k, v in state.items() if k not in frozen}
 
 
 def check_loaded_keys(model: torch.nn.Module, missing, unexpected, what: str):

@@ -283,8 +283,8 @@ class BasicTrainer:
     def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
         """The policy's weights on CPU. trainable_only (what checkpoints hold): without the frozen ones, so
         with LoRA only the adapter; in full fine-tuning every weight."""
-        frozen = lora.frozen_names(self.policy) if trainable_only else set()
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items() if k not in frozen}
+        state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        return lora.trainable_state(self.policy, state) if trainable_only else state
 
     def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
         """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
@@ -622,8 +622,9 @@ class ShardedTrainer(BasicTrainer):
         """The full policy (trainable_only: without frozen weights, so with LoRA the adapter) on CPU on rank 0,
         an empty dict on the others; every rank must call it."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
-        return get_model_state_dict(self.policy, options=self._state_dict_options(
+        state = get_model_state_dict(self.policy, options=self._state_dict_options(
             full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+        return lora.trainable_state(self.policy, state) if trainable_only else state
 
     @staticmethod
     def _state_dict_options(**options):
@@ -632,6 +633,12 @@ class ShardedTrainer(BasicTrainer):
         from torch.distributed.checkpoint.state_dict import StateDictOptions
         return StateDictOptions(**{'ignore_frozen_params': True, 'strict': False, **options})
 
+    def _sharded_state_dicts(self, options):
+        """(policy, optimizer) state dicts of this rank's shards; the policy's without frozen weights."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=options)
+        return lora.trainable_state(self.policy, policy_state), optimizer_state
+
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
         """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
         policy and optimizer in sharded/ (each rank writes its own shards; no rank ever holds the whole
@@ -639,9 +646,8 @@ class ShardedTrainer(BasicTrainer):
         every rank is done."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
         output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=self._state_dict_options())
+        policy_state, optimizer_state = self._sharded_state_dicts(self._state_dict_options())
         full_policy = self.policy_state_dict()
         tmp = [f'{output_dir}.tmp-{os.getpid()}']
         dist.broadcast_object_list(tmp, src=0)
@@ -658,9 +664,9 @@ class ShardedTrainer(BasicTrainer):
         """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
         ranks or another: torch.distributed.checkpoint reshards)."""
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_state_dict
         options = self._state_dict_options()
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=options)
+        policy_state, optimizer_state = self._sharded_state_dicts(options)
         state = {'policy': policy_state, 'optimizer': optimizer_state}
         dcp.load(state, checkpoint_id=os.path.join(checkpoint_dir, 'sharded'))
         result = set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'],
