@@ -18,13 +18,14 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_tdpo_step import make_batch, run_worker, write_results  # noqa: E402 (the bench/ folder is not a package)
 VARIANTS = ('full', 'lora')
 
 
@@ -65,8 +66,6 @@ def make_trainer(args, variant, run_dir):
 def make_pair_batch(args, length, vocab):
     """`pairs` chosen and `pairs` rejected sequences of `length` tokens (ragged responses), as the trainer's
     batches hold them; the same random tokens as bench_tdpo_step.py."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_tdpo_step import make_batch
     shape = types.SimpleNamespace(batch=2 * args.pairs, length=length, prompt_length=args.prompt_length or length // 4)
     ids, mask, labels = make_batch(shape, vocab, 'cpu')
     batch = {'prompt': [''] * args.pairs}
@@ -122,22 +121,10 @@ def main():
                 cmd += ['--prompt-length', str(args.prompt_length)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                        HF_HUB_OFFLINE='1', WANDB_MODE='disabled')
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
-            if proc.returncode or not lines:
-                print(f'{variant} length={length} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}', flush=True)
-                results.append(dict(variant=variant, length=length, error=proc.stderr[-3000:]))
-                continue
-            results.append(json.loads(lines[-1][len('RESULT '):]))
-            r = results[-1]
-            print(f'  done {variant:5s} length={length}: {r["step_s"]:.2f} s, peak {r["peak_bytes"] / 2**30:.2f} GiB',
-                  flush=True)
+            results.append(run_worker(cmd, env, f'{variant:5s} length={length}', dict(variant=variant, length=length)))
     add_ratios(results)
     print_table(args, results)
-    if args.out:
-        with open(args.out, 'w') as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if k != 'worker'}, results=results), f, indent=1)
-        print(f'wrote {args.out}')
+    write_results(args, results)
 
 
 def add_ratios(results):
