@@ -640,9 +640,9 @@ class ShardedTrainer(BasicTrainer):
         return lora.trainable_state(self.policy, policy_state), optimizer_state
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """policy.pt (full), scheduler.pt and training_state.pt as BasicTrainer writes them, and the
-        policy and optimizer in sharded/ (each rank writes its own shards; no rank ever holds the whole
-        optimizer state). All ranks write into rank 0's temporary directory, which rank 0 renames once
+        """policy.pt (the full policy's trainable weights), scheduler.pt and training_state.pt as BasicTrainer
+        writes them, and the policy and optimizer in sharded/ (each rank writes its own shards; no rank ever
+        holds the whole optimizer state). All ranks write into rank 0's temporary directory, which rank 0 renames once
         every rank is done."""
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
