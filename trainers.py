@@ -5,6 +5,7 @@ implementation of its equation in tests/test_losses.py), then `concatenated_forw
 forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
 Distributed trainers subclass BasicTrainer and override only its named hooks.
 """
+import contextlib
 import inspect
 import json
 import math
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
+import lora
 import pair_layout
 import preference_datasets
 import token_stats
@@ -186,7 +188,8 @@ class BasicTrainer:
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
     `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
-    `load_model_state`, and the class attributes below.
+    `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
+    a frozen copy, or with LoRA the policy with its adapters disabled.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -194,6 +197,8 @@ class BasicTrainer:
     splits_batches = True
     # counters that training_state.pt holds and a resumed run continues from
     RESUMED = ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak')
+    # trains a LoRA policy (lora.r set; see lora.py)
+    supports_lora = True
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
@@ -216,7 +221,8 @@ class BasicTrainer:
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
         self.stats_impl = self.choose_stats_impl()
         self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
-        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # with LoRA: the adapters
+        self.optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
@@ -268,8 +274,27 @@ class BasicTrainer:
                                 pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return output[:, prompt.shape[1]:]
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+    @contextlib.contextmanager
+    def reference_forward(self):
+        """Yields the model to run as the reference, in no-grad mode: the frozen reference model, or with
+        LoRA the policy itself with its adapters disabled (the same weights, so no second copy)."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                yield self.reference_model
+            else:
+                with lora.adapters_disabled(self.policy) as reference:
+                    yield reference
+
+    def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
+        """The policy's weights on CPU. trainable_only (what checkpoints hold): without the frozen ones, so
+        with LoRA only the adapter; in full fine-tuning every weight."""
+        state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        return lora.trainable_state(self.policy, state) if trainable_only else state
+
+    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
+        """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
+        result = self.policy.load_state_dict(state, strict=False)
+        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, 'the checkpoint\'s policy.pt')
 
     def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
         """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;
@@ -292,7 +317,7 @@ class BasicTrainer:
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
         load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
-        self.policy.load_state_dict(load('policy.pt'))
+        self.load_policy_state_dict(load('policy.pt'))
         self.optimizer.load_state_dict(load('optimizer.pt'))
         self.scheduler.load_state_dict(load('scheduler.pt'))
 
@@ -324,13 +349,18 @@ class BasicTrainer:
         return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
-        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
-        state = self.policy_state_dict()  # every rank takes part in gathering a sharded policy
+        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer;
+        with LoRA the adapter merged into it, and the adapter alone in <run dir>/adapter."""
+        state = self.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
         if self.rank != 0:
             return
         output_dir = output_dir or os.path.join(self.run_dir, 'hf')
-        self.policy.save_pretrained(output_dir, state_dict=state)
-        self.tokenizer.save_pretrained(output_dir)
+        if lora.is_lora(self.policy):
+            adapter_dir, _ = lora.export(self.policy, state, self.run_dir, self.tokenizer, output_dir)
+            utils.rank0_print(f'exported the LoRA adapter to {adapter_dir}')
+        else:
+            self.policy.save_pretrained(output_dir, state_dict=state)
+            self.tokenizer.save_pretrained(output_dir)
         utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
     # ---- forward and metrics -------------------------------------------------------------------
@@ -352,11 +382,14 @@ class BasicTrainer:
             return
         self.fused_stats_checked = True
         ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
-        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
-                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask, self.final_hidden_states))
+        problem = token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
+        if problem is None:
+            with self.reference_forward() as reference:
+                problem = token_stats.fused_head_mismatch(reference, ids, mask, self.final_hidden_states)
         if self.any_rank(problem is not None):
             utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
             self.stats_impl = 'chunked'
+
     def choose_pair_layout(self, layout: str) -> str:
         """`layout`, or 'padded' (with one message naming why) if a model cannot take its masks."""
         if layout == 'padded':
@@ -379,16 +412,16 @@ class BasicTrainer:
         n = layout.n_sequences
         if self.stats_impl == 'fused':
             hidden = self.final_hidden_states(self.policy, pair_layout.model_inputs(layout, self.policy))
-            with torch.no_grad():
-                reference_hidden = self.final_hidden_states(self.reference_model,
-                                                            pair_layout.model_inputs(layout, self.reference_model))
+            with self.reference_forward() as reference:
+                reference_hidden = self.final_hidden_states(reference, pair_layout.model_inputs(layout, reference))
+                reference_head = token_stats.output_head(reference)
             stats = token_stats.fused_row_stats(hidden.flatten(0, 1), token_stats.output_head(self.policy),
-                                                reference_hidden.flatten(0, 1), token_stats.output_head(self.reference_model),
+                                                reference_hidden.flatten(0, 1), reference_head,
                                                 *pair_layout.response_rows(layout), n)
         else:
             logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
-            with torch.no_grad():
-                reference_logits = self.reference_model(**pair_layout.model_inputs(layout, self.reference_model)).logits
+            with self.reference_forward() as reference:
+                reference_logits = reference(**pair_layout.model_inputs(layout, reference)).logits
             if self.stats_impl == 'naive':
                 stats = _tdpo_get_batch_logps(pair_layout.unpack(layout, logits), pair_layout.unpack(layout, reference_logits),
                                               layout.labels)
@@ -434,8 +467,10 @@ class BasicTrainer:
         """Sampled completions from the policy and (for preference losses) the reference."""
         decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         policy_samples = decode(self.generate(self.policy, batch))
-        reference_samples = [] if self.is_sft else decode(self.generate(self.reference_model, batch))
-        return policy_samples, reference_samples
+        if self.is_sft:
+            return policy_samples, []
+        with self.reference_forward() as reference:
+            return policy_samples, decode(self.generate(reference, batch))
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -635,27 +670,45 @@ class ShardedTrainer(BasicTrainer):
         # every forward is collective: a rank whose samples all ended keeps stepping until all have
         return super().generate(model, batch, synced_gpus=True, **generate_kwargs)
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full policy on CPU on rank 0, an empty dict on the others; every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
+        """The full policy (trainable_only: without frozen weights, so with LoRA the adapter) on CPU on rank 0,
+        an empty dict on the others; every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        state = get_model_state_dict(self.policy, options=self._state_dict_options(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
+        return lora.trainable_state(self.policy, state) if trainable_only else state
+
+    @staticmethod
+    def _state_dict_options(**options):
+        """Checkpoints hold trainable weights only (with LoRA the adapter), so loads are not strict: the
+        loaded keys are checked by lora.check_loaded_keys instead."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+        return StateDictOptions(**{'ignore_frozen_params': True, 'strict': False, **options})
+
+    def _sharded_state_dicts(self, options):
+        """(policy, optimizer) state dicts of this rank's shards; the policy's without frozen weights."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer, options=options)
+        return lora.trainable_state(self.policy, policy_state), optimizer_state
 
     def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
         """The full policy.pt (gathered to rank 0) and scheduler.pt as BasicTrainer writes them, and the
         policy and optimizer as shards that each rank writes (no rank ever holds the whole optimizer state)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        policy_state, optimizer_state = self._sharded_state_dicts(self._state_dict_options())
         return ({'policy.pt': self.policy_state_dict(), 'scheduler.pt': self.scheduler.state_dict()},
                 {'policy': policy_state, 'optimizer': optimizer_state})
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
         ranks or another: torch.distributed.checkpoint reshards)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        options = self._state_dict_options()
+        policy_state, optimizer_state = self._sharded_state_dicts(options)
         state = {'policy': policy_state, 'optimizer': optimizer_state}
         checkpoints.load_sharded(checkpoint_dir, state, self.config.trust_checkpoint_code)
-        set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
+        result = set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'],
+                                optim_state_dict=state['optimizer'], options=options)
+        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, f'{checkpoint_dir}/sharded')
         self.scheduler.load_state_dict(checkpoints.load_state(os.path.join(checkpoint_dir, 'scheduler.pt'),
                                                               self.config.trust_checkpoint_code))
 
@@ -693,7 +746,9 @@ class FSDPTrainer(ShardedTrainer):
             if model is not None:
                 for block in transformer_blocks(model, self.config.model.block_name):
                     fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-                fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
+                # the rest: embeddings, final norm, head; of a LoRA policy's transformers model, whose forward
+                # generate() calls directly
+                fully_shard(lora.base_model(model), mesh=mesh, mp_policy=mp_policy)
         return policy, reference_model
 
     def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
@@ -702,7 +757,8 @@ class FSDPTrainer(ShardedTrainer):
         `token_stats.output_head` then reads the full weight. The head runs on one position only."""
         captured = []
         hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
-        head_positions = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(model.forward).parameters else {}
+        forward = lora.base_model(model).forward  # a LoRA policy passes the keyword on to its transformers model
+        head_positions = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(forward).parameters else {}
         try:
             model(**inputs, use_cache=False, **head_positions)
         finally:
@@ -715,6 +771,7 @@ class TensorParallelTrainer(ShardedTrainer):
     weight (transformers' `base_model_tp_plan`: column-wise, then row-wise with one all-reduce), and all
     ranks compute on the whole batch together. Launch with torchrun, one process per GPU of a node."""
     splits_batches = False
+    supports_lora = False  # the plan's column- and row-wise styles apply to nn.Linear, not to peft's LoRA layers
 
     def wrap_models(self, policy, reference_model):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
