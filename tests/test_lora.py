@@ -18,6 +18,7 @@ import torch
 from torch.func import functional_call
 
 import lora
+import pair_layout
 import train
 import trainers
 import utils
@@ -60,7 +61,7 @@ def base_model(trainer):
 
 
 def inputs(batch):
-    concatenated = trainers.concatenated_inputs(batch)
+    concatenated = pair_layout.concatenated_inputs(batch)
     return (concatenated[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
 
 
