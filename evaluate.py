@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 import checkpoints
 import lora
 import preference_datasets
+import sharded_trainers
 import trainers
 import utils
 
@@ -236,7 +237,7 @@ def run_dtypes(kind: str, path: str) -> Tuple[str, str]:
     if run_dir is None or not os.path.exists(os.path.join(run_dir, 'config.yaml')):
         return 'float32', 'float32'
     run_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
-    trainer_class = getattr(trainers, run_config.trainer)
+    trainer_class = sharded_trainers.TRAINERS[run_config.trainer]
     return trainer_class.policy_compute_dtype(run_config.model), trainer_class.reference_dtype(run_config.model)
 
 

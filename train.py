@@ -22,6 +22,7 @@ import checkpoints
 import lora
 import pair_layout
 import preference_datasets
+import sharded_trainers
 import token_stats
 import trainers
 import utils
@@ -38,7 +39,7 @@ def compose_config(overrides) -> DictConfig:
                                version_base=None):
         return compose('config', overrides=list(overrides))
 
-TRAINERS = {cls.__name__: cls for cls in (trainers.BasicTrainer, trainers.FSDPTrainer, trainers.TensorParallelTrainer)}
+TRAINERS = sharded_trainers.TRAINERS  # trainer=NAME
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import pair_layout
+import sharded_trainers
 import token_stats
 import trainers
 from helpers import compose_config, make_trainer, write_hh_file
@@ -173,7 +174,7 @@ def test_offloaded_output_layer_uses_chunked(tmp_path, capsys):
 ])
 def test_reference_dtype_follows_the_policy_compute_dtype(trainer_name, overrides, expected):
     config = compose_config(['exp_name=x', 'model=pythia28', *(f'model.{k}={v}' for k, v in overrides.items())])
-    assert getattr(trainers, trainer_name).reference_dtype(config.model) == expected
+    assert sharded_trainers.TRAINERS[trainer_name].reference_dtype(config.model) == expected
 
 
 @pytest.mark.parametrize('policy_dtype, reference_dtype, equal', [
