@@ -19,7 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import lora
 import preference_datasets
+import sharded_trainers
 import trainers
 import utils
 
@@ -129,7 +131,8 @@ def _hf_model(path: str, dtype: str):
 
 def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
     """A step-N/ or LATEST/ checkpoint: the model of its run's config.yaml with the checkpoint's policy.pt
-    (loaded weights_only; one with a manifest must verify)."""
+    (loaded weights_only; one with a manifest must verify; a LoRA run's holds the adapter: merged into the
+    run's base model)."""
     if os.path.exists(os.path.join(checkpoint, checkpoints.MANIFEST)):
         try:
             checkpoints.verify(checkpoint)
@@ -139,8 +142,40 @@ def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
     run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
     cache_dir = utils.get_local_dir(list(run_config.local_dirs))
     model = utils.load_model(run_config.model, dtype, cache_dir)
-    model.load_state_dict(state)
+    if lora.holds_adapter(state):
+        policy = lora.wrap(_with_archive(model, run_config, trust), run_config.lora, run_config.seed)
+        lora.load_adapter(policy, state, f'{checkpoint}/policy.pt')
+        model = policy.merge_and_unload()
+    else:
+        model.load_state_dict(state)
     return model, utils.load_tokenizer(run_config.model, cache_dir)
+
+
+def _with_archive(model, run_config: DictConfig, trust: bool = False):
+    """The base weights of a LoRA run: its model, with the model.archive it started from loaded."""
+    if run_config.model.archive:
+        model.load_state_dict(checkpoints.load_archive(run_config.model.archive, trust, mmap=True)['state'])
+    return model
+
+
+def _adapter_model(path: str, dtype: str, trust: bool = False):
+    """A LoRA adapter directory (a run's adapter/ export), merged into its base model: the run's (from the
+    config.yaml beside it) or else the base_model_name_or_path its adapter_config.json names."""
+    import peft
+    import transformers
+    run_config_path = os.path.join(os.path.dirname(path), 'config.yaml')
+    if os.path.exists(run_config_path):
+        run_config = OmegaConf.load(run_config_path)
+        cache_dir = utils.get_local_dir(list(run_config.local_dirs))
+        base = _with_archive(utils.load_model(run_config.model, dtype, cache_dir), run_config, trust)
+    else:
+        base_path = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
+        if not base_path:
+            raise ValueError(f'{path}: a LoRA adapter whose base model is not recorded (random init or model.archive '
+                             f'weights): evaluate it inside its run directory, or its merged hf/ export')
+        base = _hf_model(base_path, dtype)[0]
+    model = peft.PeftModel.from_pretrained(base, path).merge_and_unload()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
 
 
 def _config_model(name: str, dtype: str = 'float32'):
@@ -160,13 +195,16 @@ def _config_model(name: str, dtype: str = 'float32'):
 
 def resolve_model_path(spec: str) -> Tuple[str, str]:
     """(kind, path) of a model spec: ('config', name) for `model:<name>`; ('hf', dir) for a Hugging Face
-    directory or a run directory's hf/ export; ('checkpoint', dir) for a directory with policy.pt, or a
-    run directory without hf/ (its newest checkpoint)."""
+    directory or a run directory's hf/ export; ('adapter', dir) for a LoRA adapter directory (a run's
+    adapter/ export); ('checkpoint', dir) for a directory with policy.pt, or a run directory without hf/
+    (its newest checkpoint)."""
     if spec.startswith('model:'):
         return 'config', spec[len('model:'):]
     path = os.path.abspath(spec)
     if os.path.exists(os.path.join(path, 'config.json')):
         return 'hf', path
+    if os.path.exists(os.path.join(path, 'adapter_config.json')):
+        return 'adapter', path
     if os.path.exists(os.path.join(path, 'policy.pt')):
         return 'checkpoint', path
     if os.path.exists(os.path.join(path, 'hf', 'config.json')):
@@ -175,12 +213,14 @@ def resolve_model_path(spec: str) -> Tuple[str, str]:
     if checkpoint is not None:
         return 'checkpoint', checkpoint
     raise ValueError(f'{spec}: not a run directory (with hf/ or a checkpoint), a checkpoint directory (with '
-                     f'policy.pt), a Hugging Face model directory (with config.json), or model:<config name>')
+                     f'policy.pt), a Hugging Face model directory (with config.json), a LoRA adapter directory '
+                     f'(with adapter_config.json), or model:<config name>')
 
 
 def examples_seen(kind: str, path: str, trust: bool = False) -> Optional[int]:
-    """Training examples behind a model: a checkpoint's counter (an hf/ export: its run's LATEST); else None."""
-    if kind == 'hf' and os.path.basename(path) == 'hf':
+    """Training examples behind a model: a checkpoint's counter (an hf/ or adapter/ export: its run's LATEST);
+    else None."""
+    if kind in ('hf', 'adapter') and os.path.basename(path) in ('hf', lora.ADAPTER_EXPORT_DIR):
         path = os.path.join(os.path.dirname(path), 'LATEST')
     if kind == 'config' or not os.path.exists(os.path.join(path, checkpoints.TRAINING_STATE)):
         return None
@@ -192,12 +232,12 @@ def run_dtypes(kind: str, path: str) -> Tuple[str, str]:
     policy's under its trainer, and its reference's), read from the run's config.yaml, so that the KL
     reported is the KL the run trained against; float32 for a model without a run (model:<name>, a
     plain Hugging Face directory)."""
-    run_dir = {'checkpoint': os.path.dirname(path), 'hf': os.path.dirname(path) if os.path.basename(path) == 'hf'
-               else None}.get(kind)
+    run_dir = {'checkpoint': os.path.dirname(path), 'adapter': os.path.dirname(path),
+               'hf': os.path.dirname(path) if os.path.basename(path) == 'hf' else None}.get(kind)
     if run_dir is None or not os.path.exists(os.path.join(run_dir, 'config.yaml')):
         return 'float32', 'float32'
     run_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
-    trainer_class = getattr(trainers, run_config.trainer)
+    trainer_class = sharded_trainers.TRAINERS[run_config.trainer]
     return trainer_class.policy_compute_dtype(run_config.model), trainer_class.reference_dtype(run_config.model)
 
 
@@ -205,8 +245,8 @@ def load(spec: str, dtype: str = 'float32', trust: bool = False):
     """(model in `dtype`, in eval mode on the GPU if there is one, tokenizer, kind, path) of a model spec;
     `trust`: trust_checkpoint_code."""
     kind, path = resolve_model_path(spec)
-    if kind == 'checkpoint':
-        model, tokenizer = _checkpoint_model(path, dtype, trust)
+    if kind in ('checkpoint', 'adapter'):
+        model, tokenizer = {'checkpoint': _checkpoint_model, 'adapter': _adapter_model}[kind](path, dtype, trust)
     else:
         model, tokenizer = {'config': _config_model, 'hf': _hf_model}[kind](path, dtype)
     if tokenizer.pad_token_id is None:
@@ -233,8 +273,8 @@ _REFERENCE_CACHE: Dict = {}  # multirun: the reference model and its scored samp
 
 
 def default_out(kind: str, path: str) -> str:
-    """eval.json beside the evaluated weights: in the checkpoint directory, or in the run directory for
-    an hf/ export."""
+    """eval.json beside the evaluated weights: in the checkpoint (or adapter) directory, or in the run
+    directory for an hf/ export."""
     if kind == 'config':
         raise ValueError('policy=model:<name> has no directory of its own: set out=<path.json>')
     return os.path.join(os.path.dirname(path) if os.path.basename(path) == 'hf' else path, 'eval.json')

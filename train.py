@@ -20,8 +20,10 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import lora
 import pair_layout
 import preference_datasets
+import sharded_trainers
 import token_stats
 import trainers
 import utils
@@ -38,7 +40,7 @@ def compose_config(overrides) -> DictConfig:
                                version_base=None):
         return compose('config', overrides=list(overrides))
 
-TRAINERS = {cls.__name__: cls for cls in (trainers.BasicTrainer, trainers.FSDPTrainer, trainers.TensorParallelTrainer)}
+TRAINERS = sharded_trainers.TRAINERS  # trainer=NAME
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 
@@ -146,15 +148,35 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'pair_layout={config.pair_layout!r}; valid: {", ".join(pair_layout.PAIR_LAYOUTS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
+    check_lora_config(config.lora, trainer_class)
+
+
+def check_lora_config(lora_config: DictConfig, trainer_class):
+    """The lora.* keys (LoRA: adapters on a frozen policy; null lora.r = full fine-tuning)."""
+    if lora_config.r is None:
+        return
+    if isinstance(lora_config.r, bool) or not isinstance(lora_config.r, int) or lora_config.r < 1:
+        raise ConfigError(f'lora.r must be null (full fine-tuning) or a positive integer, got {lora_config.r!r}')
+    if not lora_config.alpha > 0:
+        raise ConfigError(f'lora.alpha must be positive, got {lora_config.alpha}')
+    if not 0 <= lora_config.dropout < 1:
+        raise ConfigError(f'lora.dropout must be in [0, 1), got {lora_config.dropout}')
+    if not lora_config.target_modules:
+        raise ConfigError('lora.target_modules is empty: name module names (e.g. [q_proj,v_proj]) or all-linear')
+    if not trainer_class.supports_lora:
+        raise ConfigError(f'lora.r: trainer={trainer_class.__name__} does not train LoRA adapters; use '
+                          f'{", ".join(name for name, cls in TRAINERS.items() if cls.supports_lora)}')
 
 
 def build_models(config: DictConfig, device_map=None):
     """Policy, and for preference losses a frozen reference (in `model.reference_dtype`, null: the dtype
-    the policy computes in under this trainer); both get `model.archive` weights if set."""
+    the policy computes in under this trainer); both get `model.archive` weights if set. With LoRA
+    (lora.r set) the policy gets adapters and no reference is loaded: the reference is the policy with
+    its adapters disabled."""
     cache_dir = utils.get_local_dir(config.local_dirs)
     policy = utils.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
     reference_model = None
-    if config.loss.name in PREFERENCE_LOSSES:
+    if config.loss.name in PREFERENCE_LOSSES and not lora.enabled(config.lora):
         reference_dtype = TRAINERS[config.trainer].reference_dtype(config.model)
         utils.rank0_print(f'reference model in {reference_dtype}')
         reference_model = utils.load_model(config.model, reference_dtype, cache_dir, device_map=device_map)
@@ -164,10 +186,27 @@ def build_models(config: DictConfig, device_map=None):
         archive = checkpoints.load_archive(config.model.archive, config.trust_checkpoint_code, mmap=True)
         print(f"loading weights at step {archive.get('step_idx')} from {config.model.archive} "
               f"with metrics {json.dumps(archive.get('metrics'), indent=2, default=str)}")
+        if lora.holds_adapter(archive['state']):
+            raise ConfigError(f'model.archive={config.model.archive} holds a LoRA adapter, not full weights: use '
+                              f'that run\'s merged export instead, model.name_or_path=<run dir>/hf')
         for model in (policy, reference_model):
             if model is not None:
                 model.load_state_dict(archive['state'])
+    if lora.enabled(config.lora):
+        try:
+            policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
+        except ValueError as e:  # e.g. peft: target modules not found in the model
+            raise ConfigError(f'lora: {e}') from e
     return policy, reference_model
+
+
+def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:
+    """Where the policy's initial weights can be loaded from (hub id or directory), recorded in the exported
+    LoRA adapter; None when no such place exists (random init, or model.archive weights)."""
+    if config.model.random_init or config.model.archive:
+        return None
+    source = utils.resolve_model_source(config.model, cache_dir)
+    return os.path.abspath(source) if os.path.exists(source) else source
 
 
 def init_wandb(config: DictConfig, run_id: Optional[str] = None):
@@ -298,7 +337,10 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
     trainer_class = TRAINERS[config.trainer]
     # BasicTrainer spreads one model over all local GPUs; a distributed trainer gives each rank one GPU
     device_map = 'balanced' if torch.cuda.device_count() > 1 and not trainer_class.distributed else None
-    policy, reference_model = build_models(config, device_map=device_map)
+    try:
+        policy, reference_model = build_models(config, device_map=device_map)
+    except ConfigError as e:
+        sys.exit(f'config error: {e}')
     run_id = checkpoints.load_training_state(resume_from, config.trust_checkpoint_code)['wandb_id'] \
         if resume_from and rank == 0 else None
     if rank == 0:

@@ -1,11 +1,11 @@
 """Loss math and trainers for SFT, TDPO (Zeng et al., ICML 2024, arXiv 2404.11999), DPO and IPO.
 
 Read top to bottom: first the pure functions of tensors (each tested against a naive
-implementation of its equation in tests/test_losses.py), then `concatenated_forward`, the one
-forward pass every loss and trainer uses, then `BasicTrainer`, the whole single-process run.
-Distributed trainers subclass BasicTrainer and override only its named hooks.
+implementation of its equation in tests/test_losses.py), then `BasicTrainer`, the whole
+single-process run, with `concatenated_forward`, the one forward pass every loss and trainer uses.
+The distributed trainers (sharded_trainers.py) subclass BasicTrainer and override only its named hooks.
 """
-import inspect
+import contextlib
 import json
 import math
 import os
@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
+import lora
 import pair_layout
 import preference_datasets
 import token_stats
@@ -208,7 +209,8 @@ class BasicTrainer:
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
     `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
-    `load_model_state`, and the class attributes below.
+    `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
+    a frozen copy, or with LoRA the policy with its adapters disabled.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
     distributed = False
@@ -216,6 +218,8 @@ class BasicTrainer:
     splits_batches = True
     # counters that training_state.pt holds and a resumed run continues from
     RESUMED = ('example_counter', 'batch_counter', 'last_eval', 'nonfinite_updates', 'nonfinite_streak')
+    # trains a LoRA policy (lora.r set; see lora.py)
+    supports_lora = True
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
                  rank: int = 0, world_size: int = 1):
@@ -238,7 +242,8 @@ class BasicTrainer:
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
         self.stats_impl = self.choose_stats_impl()
         self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
-        self.optimizer = getattr(torch.optim, config.optimizer)(self.policy.parameters(), lr=config.lr)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # with LoRA: the adapters
+        self.optimizer = getattr(torch.optim, config.optimizer)(trainable, lr=config.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
         self.example_counter = self.batch_counter = 0
@@ -289,8 +294,27 @@ class BasicTrainer:
                                 pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
         return output[:, prompt.shape[1]:]
 
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+    @contextlib.contextmanager
+    def reference_forward(self):
+        """Yields the model to run as the reference, in no-grad mode: the frozen reference model, or with
+        LoRA the policy itself with its adapters disabled (the same weights, so no second copy)."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                yield self.reference_model
+            else:
+                with lora.adapters_disabled(self.policy) as reference:
+                    yield reference
+
+    def policy_state_dict(self, trainable_only: bool = True) -> Dict[str, torch.Tensor]:
+        """The policy's weights on CPU. trainable_only (what checkpoints hold): without the frozen ones, so
+        with LoRA only the adapter; in full fine-tuning every weight."""
+        state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+        return lora.trainable_state(self.policy, state) if trainable_only else state
+
+    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
+        """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
+        result = self.policy.load_state_dict(state, strict=False)
+        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, 'the checkpoint\'s policy.pt')
 
     def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
         """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;
@@ -313,7 +337,7 @@ class BasicTrainer:
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
         load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
-        self.policy.load_state_dict(load('policy.pt'))
+        self.load_policy_state_dict(load('policy.pt'))
         self.optimizer.load_state_dict(load('optimizer.pt'))
         self.scheduler.load_state_dict(load('scheduler.pt'))
 
@@ -345,13 +369,18 @@ class BasicTrainer:
         return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
-        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer."""
-        state = self.policy_state_dict()  # every rank takes part in gathering a sharded policy
+        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer;
+        with LoRA the adapter merged into it, and the adapter alone in <run dir>/adapter."""
+        state = self.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
         if self.rank != 0:
             return
         output_dir = output_dir or os.path.join(self.run_dir, 'hf')
-        self.policy.save_pretrained(output_dir, state_dict=state)
-        self.tokenizer.save_pretrained(output_dir)
+        if lora.is_lora(self.policy):
+            adapter_dir, _ = lora.export(self.policy, state, self.run_dir, self.tokenizer, output_dir)
+            utils.rank0_print(f'exported the LoRA adapter to {adapter_dir}')
+        else:
+            self.policy.save_pretrained(output_dir, state_dict=state)
+            self.tokenizer.save_pretrained(output_dir)
         utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
     # ---- forward and metrics -------------------------------------------------------------------
@@ -373,11 +402,14 @@ class BasicTrainer:
             return
         self.fused_stats_checked = True
         ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
-        problem = (token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
-                   or token_stats.fused_head_mismatch(self.reference_model, ids, mask, self.final_hidden_states))
+        problem = token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
+        if problem is None:
+            with self.reference_forward() as reference:
+                problem = token_stats.fused_head_mismatch(reference, ids, mask, self.final_hidden_states)
         if self.any_rank(problem is not None):
             utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
             self.stats_impl = 'chunked'
+
     def choose_pair_layout(self, layout: str) -> str:
         """`layout`, or 'padded' (with one message naming why) if a model cannot take its masks."""
         if layout == 'padded':
@@ -400,16 +432,16 @@ class BasicTrainer:
         n = layout.n_sequences
         if self.stats_impl == 'fused':
             hidden = self.final_hidden_states(self.policy, pair_layout.model_inputs(layout, self.policy))
-            with torch.no_grad():
-                reference_hidden = self.final_hidden_states(self.reference_model,
-                                                            pair_layout.model_inputs(layout, self.reference_model))
+            with self.reference_forward() as reference:
+                reference_hidden = self.final_hidden_states(reference, pair_layout.model_inputs(layout, reference))
+                reference_head = token_stats.output_head(reference)
             stats = token_stats.fused_row_stats(hidden.flatten(0, 1), token_stats.output_head(self.policy),
-                                                reference_hidden.flatten(0, 1), token_stats.output_head(self.reference_model),
+                                                reference_hidden.flatten(0, 1), reference_head,
                                                 *pair_layout.response_rows(layout), n)
         else:
             logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
-            with torch.no_grad():
-                reference_logits = self.reference_model(**pair_layout.model_inputs(layout, self.reference_model)).logits
+            with self.reference_forward() as reference:
+                reference_logits = reference(**pair_layout.model_inputs(layout, reference)).logits
             if self.stats_impl == 'naive':
                 stats = _tdpo_get_batch_logps(pair_layout.unpack(layout, logits), pair_layout.unpack(layout, reference_logits),
                                               layout.labels)
@@ -455,8 +487,10 @@ class BasicTrainer:
         """Sampled completions from the policy and (for preference losses) the reference."""
         decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)
         policy_samples = decode(self.generate(self.policy, batch))
-        reference_samples = [] if self.is_sft else decode(self.generate(self.reference_model, batch))
-        return policy_samples, reference_samples
+        if self.is_sft:
+            return policy_samples, []
+        with self.reference_forward() as reference:
+            return policy_samples, decode(self.generate(reference, batch))
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -626,144 +660,3 @@ class BasicTrainer:
         self._log_train()  # updates since the last (rate-limited) log
         if self.eval_examples and self.last_eval != self.example_counter:
             self.evaluate()
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed trainers: one process per device, started by train.py or torchrun (see README)
-# ----------------------------------------------------------------------------------------------
-
-def _device_mesh(world_size: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh('cuda' if torch.cuda.is_available() else 'cpu', (world_size,))
-
-
-class ShardedTrainer(BasicTrainer):
-    """What FSDP and tensor parallelism share: parameters are DTensors sliced over the ranks, so every
-    rank takes part in each forward, gradient norm and state-dict gather, and checkpoints are written
-    by all ranks (torch.distributed.checkpoint) besides the reference-format policy.pt from rank 0."""
-    distributed = True
-
-    def clip_gradient(self) -> float:
-        """clip_grad_norm_ of BasicTrainer over parameters that are partly DTensors, partly plain tensors."""
-        from torch.distributed.tensor import DTensor
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        norms = [torch.linalg.vector_norm(g.float()) for g in grads]
-        norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
-        total_norm = torch.linalg.vector_norm(torch.stack(norms)).item()
-        scale = min(1.0, self.config.max_grad_norm / (total_norm + 1e-6))
-        for g in grads:
-            g.mul_(scale)
-        return total_norm
-
-    def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
-        # every forward is collective: a rank whose samples all ended keeps stepping until all have
-        return super().generate(model, batch, synced_gpus=True, **generate_kwargs)
-
-    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full policy on CPU on rank 0, an empty dict on the others; every rank must call it."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
-        """The full policy.pt (gathered to rank 0) and scheduler.pt as BasicTrainer writes them, and the
-        policy and optimizer as shards that each rank writes (no rank ever holds the whole optimizer state)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
-        return ({'policy.pt': self.policy_state_dict(), 'scheduler.pt': self.scheduler.state_dict()},
-                {'policy': policy_state, 'optimizer': optimizer_state})
-
-    def load_model_state(self, checkpoint_dir: str):
-        """Policy, optimizer and scheduler from a directory written by `save` (with the same number of
-        ranks or another: torch.distributed.checkpoint reshards)."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        policy_state, optimizer_state = get_state_dict(self.policy, self.optimizer)
-        state = {'policy': policy_state, 'optimizer': optimizer_state}
-        checkpoints.load_sharded(checkpoint_dir, state, self.config.trust_checkpoint_code)
-        set_state_dict(self.policy, self.optimizer, model_state_dict=state['policy'], optim_state_dict=state['optimizer'])
-        self.scheduler.load_state_dict(checkpoints.load_state(os.path.join(checkpoint_dir, 'scheduler.pt'),
-                                                              self.config.trust_checkpoint_code))
-
-
-def transformer_blocks(model, block_name: Optional[str]) -> List[torch.nn.Module]:
-    """The modules of class `block_name`, or else of the classes transformers never splits
-    (`_no_split_modules`: the decoder layers)."""
-    names = [block_name] if block_name else list(getattr(model, '_no_split_modules', None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(f'{type(model).__name__} has no module of class {names or "?"}: set model.block_name '
-                         f'to the class name of its transformer block (e.g. LlamaDecoderLayer)')
-    return blocks
-
-
-class FSDPTrainer(ShardedTrainer):
-    """Fully sharded data parallel (FSDP2, `fully_shard`): each rank holds 1/world_size of every
-    parameter, gradient and optimizer state, gathers one transformer block at a time for its forward
-    and backward, and trains on its slice of each batch."""
-
-    @classmethod
-    def policy_compute_dtype(cls, model_config: DictConfig) -> str:
-        return model_config.fsdp_policy_mp or model_config.policy_dtype
-
-    def wrap_models(self, policy, reference_model):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mesh = _device_mesh(self.world_size)
-        if self.config.activation_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-        mp_dtype = self.config.model.fsdp_policy_mp
-        # compute in mp_dtype, but keep the sharded weights and reduce gradients in full precision
-        policy_mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32) \
-            if mp_dtype else MixedPrecisionPolicy()
-        for model, mp_policy in ((policy, policy_mp), (reference_model, MixedPrecisionPolicy())):
-            if model is not None:
-                for block in transformer_blocks(model, self.config.model.block_name):
-                    fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-                fully_shard(model, mesh=mesh, mp_policy=mp_policy)  # the rest: embeddings, final norm, head
-        return policy, reference_model
-
-    def final_hidden_states(self, model, inputs: Dict) -> torch.Tensor:
-        """Through the root module, whose FSDP hooks unshard embeddings, final norm and output layer (the
-        decoder alone would skip them); FSDP2 keeps the root unsharded until backward ends, so
-        `token_stats.output_head` then reads the full weight. The head runs on one position only."""
-        captured = []
-        hook = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
-        head_positions = {'logits_to_keep': 1} if 'logits_to_keep' in inspect.signature(model.forward).parameters else {}
-        try:
-            model(**inputs, use_cache=False, **head_positions)
-        finally:
-            hook.remove()
-        return captured[0]
-
-
-class TensorParallelTrainer(ShardedTrainer):
-    """Tensor parallelism (PyTorch-native, DTensor): each rank holds a slice of every attention and MLP
-    weight (transformers' `base_model_tp_plan`: column-wise, then row-wise with one all-reduce), and all
-    ranks compute on the whole batch together. Launch with torchrun, one process per GPU of a node."""
-    splits_batches = False
-
-    def wrap_models(self, policy, reference_model):
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-        mesh = _device_mesh(self.world_size)
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-        styles = {'colwise': ColwiseParallel, 'rowwise': RowwiseParallel}
-        for model in (policy, reference_model):
-            if model is None:
-                continue
-            config, plan = model.config, getattr(model.config, 'base_model_tp_plan', None) or {}
-            heads = (config.num_attention_heads, getattr(config, 'num_key_value_heads', config.num_attention_heads))
-            if not plan or any(h % self.world_size for h in heads):
-                raise ValueError(f'cannot split {type(model).__name__} over {self.world_size} ranks: needs a '
-                                 f'transformers tensor-parallel plan (has {bool(plan)}) and attention and key/value '
-                                 f'heads {heads} divisible by the number of ranks')
-            # an embedding_rowwise entry only saves memory: that embedding stays whole on every rank
-            unknown = {s for s in plan.values() if s not in styles and s != 'embedding_rowwise'}
-            if unknown:
-                raise ValueError(f'tensor-parallel styles {sorted(unknown)} of {type(model).__name__} are not supported')
-            model.to(device)
-            parallelize_module(model.base_model, mesh, {k: styles[s]() for k, s in plan.items() if s in styles})
-        return policy, reference_model
-
-    def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
-        # the ranks hold slices of one model, so they must sample the same tokens: same seed on each
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else []):
-            torch.manual_seed(self.seed + self.example_counter)
-            return super().generate(model, batch, **generate_kwargs)

@@ -228,18 +228,25 @@ def main():
             if args.peak_tflops:
                 cmd += ['--peak-tflops', str(args.peak_tflops)]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
-            if proc.returncode or not lines:
-                print(f'{variant} vocab={vocab} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}', flush=True)
-                results.append(dict(variant=variant, vocab=vocab, error=proc.stderr[-3000:]))
-                continue
-            results.append(json.loads(lines[-1][len('RESULT '):]))
-            r = results[-1]
-            print(f'  done {variant:12s} vocab={vocab}: {r["step_s"]:.2f} s, peak {r["peak_bytes"] / 2**30:.2f} GiB',
-                  flush=True)
+            results.append(run_worker(cmd, env, f'{variant:12s} vocab={vocab}', dict(variant=variant, vocab=vocab)))
     add_ratios(results)
     print_table(args, results)
+    write_results(args, results)
+
+
+def run_worker(cmd, env, label, keys):
+    """One variant in its own process: the dict its RESULT line holds, or `keys` with the error."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+    if proc.returncode or not lines:
+        print(f'{label} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}', flush=True)
+        return dict(keys, error=proc.stderr[-3000:])
+    r = json.loads(lines[-1][len('RESULT '):])
+    print(f'  done {label}: {r["step_s"]:.2f} s, peak {r["peak_bytes"] / 2**30:.2f} GiB', flush=True)
+    return r
+
+
+def write_results(args, results):
     if args.out:
         with open(args.out, 'w') as f:
             json.dump(dict(args={k: v for k, v in vars(args).items() if k != 'worker'}, results=results), f, indent=1)

@@ -1,6 +1,7 @@
-"""Run by tests/test_distributed.py under torchrun (2 processes): for FSDPTrainer and
-TensorParallelTrainer, one AdamW update, `save`, then a fresh trainer's `load_training_state` must
-restore the same full weights, optimizer state, scheduler and step. Prints 'checkpoint ok' per rank."""
+"""Run by tests/test_distributed.py under torchrun (2 processes): for FSDPTrainer, TensorParallelTrainer
+and FSDPTrainer with LoRA (whose sharded checkpoint must hold only the adapter and its optimizer state), one
+AdamW update, `save`, then a fresh trainer's `load_training_state` must restore the same full weights,
+optimizer state, scheduler and step. Prints 'checkpoint ok' per rank."""
 import os
 import sys
 
@@ -34,14 +35,14 @@ def assert_equal(a, b, where=''):
 def main(tmp_dir):
     utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    for trainer_name in ('FSDPTrainer', 'TensorParallelTrainer'):
-        run_dir = os.path.join(tmp_dir, trainer_name)
+    for trainer_name, lora_r in (('FSDPTrainer', None), ('TensorParallelTrainer', None), ('FSDPTrainer', 4)):
+        run_dir = os.path.join(tmp_dir, f'{trainer_name}_lora{lora_r}')
         os.makedirs(run_dir, exist_ok=True)
         config = compose_config([
             'model=tiny', f'local_dirs=[{CACHE}]', 'loss=tdpo', 'exp_name=ckpt', f'trainer={trainer_name}',
             f'datasets=[{tmp_dir}/pairs.jsonl]', f'local_run_dir={run_dir}', 'batch_size=4', 'max_length=64',
             'max_prompt_length=32', 'n_eval_examples=0', 'n_examples=4', 'optimizer=AdamW', 'lr=1e-3',
-            'wandb.enabled=false', 'warmup_steps=3'])
+            'wandb.enabled=false', 'warmup_steps=3', f'lora.r={"null" if lora_r is None else lora_r}'])
         train.check_config(config, world_size)
 
         def make_trainer():
@@ -59,7 +60,13 @@ def main(tmp_dir):
         assert_equal(optim_a, optim_b, 'optimizer')
         assert restored.scheduler.state_dict() == trained.scheduler.state_dict()
         assert (restored.example_counter, restored.batch_counter) == (4, 1)
-        print(f'{trainer_name} rank {rank}: checkpoint ok', flush=True)
+        if lora_r:  # with LoRA the sharded checkpoint holds only the adapter and its optimizer state
+            import torch.distributed.checkpoint as dcp
+            saved = dcp.FileSystemReader(os.path.join(run_dir, 'LATEST', 'sharded')).read_metadata().state_dict_metadata
+            tensors = [key for key in saved if not key.startswith('optimizer.param_groups.')]
+            # 28 adapter weights, and their AdamW exp_avg, exp_avg_sq and step
+            assert len(tensors) == 4 * 28 and all('.lora_' in key for key in tensors), sorted(tensors)[:5]
+        print(f'{trainer_name} lora.r={lora_r} rank {rank}: checkpoint ok', flush=True)
     dist.destroy_process_group()
 
 

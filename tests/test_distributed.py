@@ -113,6 +113,28 @@ def test_fsdp_and_tensor_parallel_equal_basic_trainer(tmp_path, loss):
         assert read_metrics(spawned)[0]['loss/train'] == pytest.approx(metrics[1]['loss/train'], rel=2e-2)
 
 
+def test_fsdp_lora_equals_basic_trainer_lora(tmp_path):
+    """LoRA under FSDP2 (frozen base weights and adapters sharded together; the reference is the policy with
+    adapters off, also when all ranks sample together): BasicTrainer's losses, metrics and adapter;
+    checkpoints hold only the adapter; the merged hf/ exports agree."""
+    from transformers import AutoModelForCausalLM
+    args = [*(a for a in COMMON if not a.startswith(('optimizer=', 'lr='))), 'optimizer=AdamW', 'lr=1e-2', 'loss=tdpo',
+            'lora.r=4', 'lora.alpha=8', f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]']
+    basic, fsdp = str(tmp_path / 'basic'), str(tmp_path / 'fsdp')
+    run([sys.executable], [*args, 'exp_name=basic', f'local_run_dir={basic}'])
+    run(TORCHRUN, [*args, 'trainer=FSDPTrainer', 'gradient_accumulation_steps=2', 'exp_name=fsdp', f'local_run_dir={fsdp}'])
+    assert_same_run(basic, fsdp)
+    adapter = final_policy(fsdp)
+    assert len(adapter) == 28 and all('.lora_' in k for k in adapter)
+    assert read_metrics(fsdp)[-1]['kl_eval/chosen'] > 1e-3, 'the adapter should have moved the policy'
+    for run_dir in (basic, fsdp):
+        assert os.path.exists(os.path.join(run_dir, 'adapter', 'adapter_config.json'))
+    ids = torch.arange(3, 23).reshape(2, 10)
+    with torch.no_grad():
+        want, got = (AutoModelForCausalLM.from_pretrained(os.path.join(d, 'hf'))(ids).logits for d in (basic, fsdp))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_sharded_checkpoints_load_back(tmp_path):
     """Save after one AdamW update, load into fresh FSDP and TP trainers: same weights, optimizer state, step."""
     write_hh_file(tmp_path / 'pairs.jsonl')
@@ -120,7 +142,7 @@ def test_sharded_checkpoints_load_back(tmp_path):
     proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', 'dist_checkpoint_worker.py'), str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert proc.stdout.count('checkpoint ok') == 4, proc.stdout  # 2 trainers x 2 ranks
+    assert proc.stdout.count('checkpoint ok') == 6, proc.stdout  # (FSDP, TP, FSDP with LoRA) x 2 ranks
 
 
 def test_sharded_checkpoint_on_a_full_disk_stops_every_rank_with_one_line(tmp_path):

@@ -234,7 +234,7 @@ def test_fsdp_trainer_one_process_bfloat16_end_to_end(tmp_path):
                          'exp_name=gpu_fsdp', f'local_run_dir={run_dir}', 'trainer=FSDPTrainer',
                          'model.fsdp_policy_mp=bfloat16'])
     assert 'FSDPTrainer: starting one process per local GPU (1)' in output and 'reference model in bfloat16' in output
-    check_run(run_dir, output, fused=False)  # FSDPTrainer computes the statistics from logits (chunked)
+    check_run(run_dir, output, fused=True)  # FSDPTrainer: the fused statistics through the root forward
 
 
 def test_evaluate_samples_and_scores_the_trained_run(basic_bf16_run, tmp_path):

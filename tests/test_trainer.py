@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import pair_layout
+import sharded_trainers
 import token_stats
 import trainers
 from helpers import compose_config, make_trainer, write_hh_file
@@ -110,7 +112,7 @@ def test_fused_stats_check_falls_back_to_chunked_when_the_forward_scales_logits(
         scale_logits(model, 1.5)
     assert trainer.stats_impl == 'fused'  # output_head cannot see the scaling
     batch = next(iter(trainer.train_batches()))
-    inputs = trainers.concatenated_inputs(batch)
+    inputs = pair_layout.concatenated_inputs(batch)
     ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
     with torch.no_grad():  # what the run must compute: the statistics of the models' own logits
         want = trainers._tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
@@ -172,7 +174,7 @@ def test_offloaded_output_layer_uses_chunked(tmp_path, capsys):
 ])
 def test_reference_dtype_follows_the_policy_compute_dtype(trainer_name, overrides, expected):
     config = compose_config(['exp_name=x', 'model=pythia28', *(f'model.{k}={v}' for k, v in overrides.items())])
-    assert getattr(trainers, trainer_name).reference_dtype(config.model) == expected
+    assert sharded_trainers.TRAINERS[trainer_name].reference_dtype(config.model) == expected
 
 
 @pytest.mark.parametrize('policy_dtype, reference_dtype, equal', [
