@@ -40,6 +40,7 @@ def compose_config(overrides) -> DictConfig:
         return compose('config', overrides=list(overrides))
 
 TRAINERS = sharded_trainers.TRAINERS  # trainer=NAME
+DTYPES = ('float32', 'bfloat16', 'float16')  # model.policy_dtype, model.reference_dtype, model.fsdp_policy_mp
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 
@@ -121,6 +122,10 @@ def check_config(config: DictConfig, world_size: int = 1):
     if config.loss.get('divergence', 'reverse_kl') not in ('reverse_kl', 'forward_kl'):
         raise ConfigError(f'unknown loss.divergence={config.loss.divergence!r}; valid: reverse_kl, forward_kl')
     check_numbers(config)
+    for key, allowed in (('model.policy_dtype', DTYPES), ('model.fsdp_policy_mp', (None, *DTYPES)),
+                         ('model.reference_dtype', (None, *DTYPES))):
+        if OmegaConf.select(config, key) not in allowed:
+            raise ConfigError(f'{key}={OmegaConf.select(config, key)!r}; valid: {", ".join(map(str, allowed))}')
     for key in ['datasets', 'local_dirs'] + (['eval_datasets'] if config.eval_datasets is not None else []):
         if not (OmegaConf.is_list(config[key]) and len(config[key]) > 0):
             raise ConfigError(f'{key} must be a non-empty list (e.g. {key}=[a,b]), got {shown(config[key])}')
@@ -190,13 +195,28 @@ def build_models(config: DictConfig, device_map=None):
                               f'that run\'s merged export instead, model.name_or_path=<run dir>/hf')
         for model in (policy, reference_model):
             if model is not None:
-                model.load_state_dict(archive['state'])
+                load_archive_weights(model, archive['state'], config)
     if lora.enabled(config.lora):
         try:
             policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
         except ValueError as e:  # e.g. peft: target modules not found in the model
             raise ConfigError(f'lora: {e}') from e
     return policy, reference_model
+
+
+
+def load_archive_weights(model, state: dict, config: DictConfig):
+    """model.archive's weights into `model`; weights that do not fit the model are one ConfigError."""
+    fits = "does not fit model.name_or_path=" + str(config.model.name_or_path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        problem = next((line.strip() for line in str(e).splitlines() if 'size mismatch' in line), str(e).splitlines()[0])
+        raise ConfigError(f'model.archive={config.model.archive} {fits}: {problem}') from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f'model.archive={config.model.archive} {fits}: {len(result.missing_keys)} of its weights '
+                          f'missing (first: {result.missing_keys[:1]}), {len(result.unexpected_keys)} unknown to it '
+                          f'(first: {result.unexpected_keys[:1]})')
 
 
 def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:
