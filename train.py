@@ -7,6 +7,7 @@ trainer runs one process per local GPU (spawned here), or one per process that t
 import errno
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -282,13 +283,14 @@ def requeue_slurm_job():
         subprocess.run(['scontrol', 'requeue', job_id], check=False)
 
 
-def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock]]:
+def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock], bool]:
     """Resolve the config; every rank takes rank 0's run directory (processes started separately, as by
     torchrun, resolve different timestamps). Rank 0 creates it (a directory of the user's own), locks it
     for the life of the run, chooses the checkpoint to continue and writes config.yaml there.
-    Returns (checkpoint to continue or None, the lock on rank 0)."""
+    Returns (checkpoint to continue or None, the lock on rank 0, whether rank 0 created the directory)."""
     OmegaConf.resolve(config)
     lock = resume_from = error = None
+    created = rank == 0 and not os.path.exists(config.local_run_dir)
     if rank == 0:
         try:
             problem = utils.make_private_dir(config.local_run_dir)
@@ -314,7 +316,14 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
         with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
             OmegaConf.save(config, f)
         print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)
-    return resume_from, lock
+    return resume_from, lock, created
+
+
+def remove_if_unused(run_dir: str):
+    """Remove a run directory this launch created if the launch failed before it wrote anything of a run
+    (only config.yaml, the lock and wandb's files), so that failed launches leave no empty runs behind."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {'config.yaml', checkpoints.LOCK_FILE, 'wandb'}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def worker_main(rank: int, world_size: int, config: DictConfig):
@@ -323,9 +332,11 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
-    resume_from, lock = open_run_dir(config, rank)
+    resume_from, lock, created = open_run_dir(config, rank)
+    finished = False
     try:
         run_training(rank, world_size, config, resume_from)
+        finished = True
     except checkpoints.CheckpointError as e:  # a full disk, a damaged or unsafe checkpoint: one line
         sys.exit(str(e) if rank == 0 else 1)
     except OSError as e:
@@ -335,6 +346,8 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     finally:
         if lock is not None:
             lock.release()
+        if created and not finished:
+            remove_if_unused(config.local_run_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 
