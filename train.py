@@ -7,6 +7,7 @@ trainer runs one process per local GPU (spawned here), or one per process that t
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,6 +42,7 @@ def compose_config(overrides) -> DictConfig:
         return compose('config', overrides=list(overrides))
 
 TRAINERS = sharded_trainers.TRAINERS  # trainer=NAME
+DTYPES = ('float32', 'bfloat16', 'float16')  # model.policy_dtype, model.reference_dtype, model.fsdp_policy_mp
 PREFERENCE_LOSSES = ('tdpo', 'dpo', 'ipo')
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; resume=true continues
 
@@ -122,6 +124,10 @@ def check_config(config: DictConfig, world_size: int = 1):
     if config.loss.get('divergence', 'reverse_kl') not in ('reverse_kl', 'forward_kl'):
         raise ConfigError(f'unknown loss.divergence={config.loss.divergence!r}; valid: reverse_kl, forward_kl')
     check_numbers(config)
+    for key, allowed in (('model.policy_dtype', DTYPES), ('model.fsdp_policy_mp', (None, *DTYPES)),
+                         ('model.reference_dtype', (None, *DTYPES))):
+        if OmegaConf.select(config, key) not in allowed:
+            raise ConfigError(f'{key}={OmegaConf.select(config, key)!r}; valid: {", ".join(map(str, allowed))}')
     for key in ['datasets', 'local_dirs'] + (['eval_datasets'] if config.eval_datasets is not None else []):
         if not (OmegaConf.is_list(config[key]) and len(config[key]) > 0):
             raise ConfigError(f'{key} must be a non-empty list (e.g. {key}=[a,b]), got {shown(config[key])}')
@@ -191,13 +197,28 @@ def build_models(config: DictConfig, device_map=None):
                               f'that run\'s merged export instead, model.name_or_path=<run dir>/hf')
         for model in (policy, reference_model):
             if model is not None:
-                model.load_state_dict(archive['state'])
+                load_archive_weights(model, archive['state'], config)
     if lora.enabled(config.lora):
         try:
             policy = lora.wrap(policy, config.lora, config.seed, base_name_or_path=base_model_path(config, cache_dir))
         except ValueError as e:  # e.g. peft: target modules not found in the model
             raise ConfigError(f'lora: {e}') from e
     return policy, reference_model
+
+
+
+def load_archive_weights(model, state: dict, config: DictConfig):
+    """model.archive's weights into `model`; weights that do not fit the model are one ConfigError."""
+    fits = "does not fit model.name_or_path=" + str(config.model.name_or_path)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        problem = next((line.strip() for line in str(e).splitlines() if 'size mismatch' in line), str(e).splitlines()[0])
+        raise ConfigError(f'model.archive={config.model.archive} {fits}: {problem}') from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(f'model.archive={config.model.archive} {fits}: {len(result.missing_keys)} of its weights '
+                          f'missing (first: {result.missing_keys[:1]}), {len(result.unexpected_keys)} unknown to it '
+                          f'(first: {result.unexpected_keys[:1]})')
 
 
 def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:
@@ -274,13 +295,14 @@ def requeue_slurm_job():
         print(f'cannot requeue Slurm job {job_id}: {e}', flush=True)
 
 
-def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock]]:
+def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock], bool]:
     """Resolve the config; every rank takes rank 0's run directory (processes started separately, as by
     torchrun, resolve different timestamps). Rank 0 creates it (a directory of the user's own), locks it
     for the life of the run, chooses the checkpoint to continue and writes config.yaml there.
-    Returns (checkpoint to continue or None, the lock on rank 0)."""
+    Returns (checkpoint to continue or None, the lock on rank 0, whether rank 0 created the directory)."""
     OmegaConf.resolve(config)
     lock = resume_from = error = None
+    created = rank == 0 and not os.path.exists(config.local_run_dir)
     if rank == 0:
         try:
             problem = utils.make_private_dir(config.local_run_dir)
@@ -306,7 +328,14 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
         with open(os.path.join(config.local_run_dir, 'config.yaml'), 'w') as f:
             OmegaConf.save(config, f)
         print('=' * 80 + f'\nWriting to {socket.gethostname()}:{config.local_run_dir}\n' + '=' * 80, flush=True)
-    return resume_from, lock
+    return resume_from, lock, created
+
+
+def remove_if_unused(run_dir: str):
+    """Remove a run directory this launch created if the launch failed before it wrote anything of a run
+    (only config.yaml, the lock and wandb's files), so that failed launches leave no empty runs behind."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {'config.yaml', checkpoints.LOCK_FILE, 'wandb'}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def worker_main(rank: int, world_size: int, config: DictConfig):
@@ -316,9 +345,11 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
-    resume_from, lock = open_run_dir(config, rank)
+    resume_from, lock, created = open_run_dir(config, rank)
+    finished = False
     try:
         run_training(rank, world_size, config, resume_from)
+        finished = True
     except checkpoints.CheckpointError as e:  # a full disk, a damaged or unsafe checkpoint: one line
         sys.exit(str(e) if rank == 0 else 1)
     except OSError as e:
@@ -328,6 +359,8 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     finally:
         if lock is not None:
             lock.release()
+        if created and not finished:
+            remove_if_unused(config.local_run_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
 

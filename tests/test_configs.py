@@ -50,7 +50,8 @@ BAD_VALUES = [
     (['loss=dpo', 'loss.beta=0.1', 'loss.label_smoothing=0.7'], 'loss.label_smoothing'),
     (['loss=dpo', 'loss.beta=0.1', 'loss.divergence=js'], 'loss.divergence'),
     (['datasets=[]'], 'datasets'), (['datasets=hh'], 'datasets'), (['local_dirs=[]'], 'local_dirs'),
-    (['eval_datasets=[]'], 'eval_datasets'),
+    (['eval_datasets=[]'], 'eval_datasets'), (['model.reference_dtype=bf16'], 'model.reference_dtype'),
+    (['model.policy_dtype=fp32'], 'model.policy_dtype'), (['model.fsdp_policy_mp=half'], 'model.fsdp_policy_mp'),
 ]
 
 
@@ -110,3 +111,22 @@ def test_readme_evaluate_command_composes(command):
     assert not [k for k in ('policy', 'reference', 'prompts') if OmegaConf.is_missing(config, k)]
     assert config.reward in evaluate.REWARDS
     OmegaConf.to_container(config, resolve=True)
+
+
+@pytest.mark.parametrize('state, problem', [
+    ({'not_a_weight': 'two'}, r'\d+ of its weights missing \(first: .*1 unknown to it \(first: \[.not_a_weight.\]'),
+    ({'model.embed_tokens.weight': 'wide'}, r'size mismatch for model\.embed_tokens\.weight'),
+])
+def test_an_archive_that_does_not_fit_the_model_is_one_config_error(tmp_path, state, problem):
+    """model.archive with weights of another model (trusted or not) stops with one line naming the key."""
+    import torch
+    from helpers import CACHE
+    config = compose_config(['model=tiny', 'exp_name=x', 'loss=sft', f'local_dirs=[{CACHE}]',
+                             f'model.archive={tmp_path / "policy.pt"}'])
+    tensors = {'one': torch.zeros(3), 'two': torch.zeros(2), 'wide': torch.zeros(7, 5)}
+    torch.save({'step_idx': 0, 'state': {k: tensors[v] for k, v in state.items()}, 'metrics': {}}, tmp_path / 'policy.pt')
+    with pytest.raises(train.ConfigError) as error:
+        train.build_models(config)
+    message = str(error.value)
+    assert '\n' not in message and message.startswith(f'model.archive={tmp_path / "policy.pt"} does not fit'), message
+    assert re.search(problem, message), message

@@ -496,6 +496,20 @@ def test_inspection_command_errors_are_one_line(tmp_path, args, line):
     assert 'Traceback' not in err
 
 
+
+def test_a_failed_launch_leaves_no_empty_run_directory(tmp_path):
+    """train.py on a bad data file: one data error line, and the run directory this launch created (holding
+    only config.yaml and the lock) is gone; a run directory that existed before is kept."""
+    write_jsonl(tmp_path / 'bad.jsonl', [GOOD, {**GOOD, 'prompt': None}])
+    args = ['-u', 'train.py', 'model=tiny', 'loss=sft', 'exp_name=bad', f'local_dirs=[{CACHE}]',
+            f'datasets=[{tmp_path}/bad.jsonl]', 'wandb.enabled=false', 'n_examples=8', 'batch_size=4']
+    for run_dir, existed in ((tmp_path / 'new_run', False), (tmp_path / 'old_run', True)):
+        if existed:
+            os.makedirs(run_dir)
+        code, out, err = run([*args, f'local_run_dir={run_dir}'])
+        assert code == 1 and err.strip().splitlines()[-1].startswith(f'data error: {tmp_path}/bad.jsonl:2: '), err[-2000:]
+        assert os.path.isdir(run_dir) == existed, os.listdir(tmp_path)
+
 def test_train_on_conversational_parquet_with_save_to_disk_eval(tmp_path):
     """train.py end to end on the new formats: conversational implicit rows in parquet for training, a
     save_to_disk DatasetDict split for evaluation."""

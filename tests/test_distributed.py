@@ -43,7 +43,7 @@ def final_policy(run_dir):
     return torch.load(os.path.join(run_dir, 'LATEST', 'policy.pt'), map_location='cpu', weights_only=True)['state']
 
 
-def assert_same_run(expected_dir, got_dir):
+def assert_same_run(expected_dir, got_dir, weight_atol=1e-6):
     expected, got = read_metrics(expected_dir), read_metrics(got_dir)
     assert [(m['split'], m['step']) for m in got] == [(m['split'], m['step']) for m in expected]
     for want, have in zip(expected, got):
@@ -123,7 +123,9 @@ def test_fsdp_lora_equals_basic_trainer_lora(tmp_path):
     basic, fsdp = str(tmp_path / 'basic'), str(tmp_path / 'fsdp')
     run([sys.executable], [*args, 'exp_name=basic', f'local_run_dir={basic}'])
     run(TORCHRUN, [*args, 'trainer=FSDPTrainer', 'gradient_accumulation_steps=2', 'exp_name=fsdp', f'local_run_dir={fsdp}'])
-    assert_same_run(basic, fsdp)
+    # AdamW moves each adapter weight by about lr whatever its gradient's size, so on an element whose gradient
+    # is near 0 float32 rounding shows more than on full weights (measured: 1.8e-6 on one of 256 elements)
+    assert_same_run(basic, fsdp, weight_atol=1e-5)
     adapter = final_policy(fsdp)
     assert len(adapter) == 28 and all('.lora_' in k for k in adapter)
     assert read_metrics(fsdp)[-1]['kl_eval/chosen'] > 1e-3, 'the adapter should have moved the policy'
