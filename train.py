@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -276,11 +277,22 @@ def choose_checkpoint(config: DictConfig) -> Optional[str]:
 
 
 def requeue_slurm_job():
-    """Under Slurm, put this job back in the queue; with resume=true it continues where it stopped."""
+    """Under Slurm, put this job back in the queue; with resume=true it continues where it stopped. Not when
+    the sbatch scripts in slurm/ started the run (they set TDPO_BATCH_SCRIPT_REQUEUES=1): they requeue the job
+    once every training process has exited, as a requeue makes Slurm kill the job's processes. Not when Slurm
+    is ending the job (scancel, the time limit): a requeue would undo a scancel."""
     job_id = os.environ.get('SLURM_JOB_ID')
-    if job_id:
+    if not job_id or os.environ.get('TDPO_BATCH_SCRIPT_REQUEUES') == '1':
+        return
+    try:
+        state = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True, text=True).stdout.strip()
+        if state != 'RUNNING':
+            print(f'not requeueing Slurm job {job_id}: Slurm is ending it ({state or "gone"})', flush=True)
+            return
         print(f'requeueing Slurm job {job_id}', flush=True)
         subprocess.run(['scontrol', 'requeue', job_id], check=False)
+    except OSError as e:  # no Slurm commands here (e.g. in a container)
+        print(f'cannot requeue Slurm job {job_id}: {e}', flush=True)
 
 
 def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional[checkpoints.RunDirLock], bool]:
@@ -329,6 +341,7 @@ def remove_if_unused(run_dir: str):
 def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
     the checkpoint that `open_run_dir` chose), saves."""
+    trainers.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
@@ -379,6 +392,10 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         sys.exit(f'training stopped: {e}')
     except trainers.Preempted as e:
         print(e, flush=True)
+        # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
+        # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
+        for signum in trainers.STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()
         sys.exit(PREEMPTED_EXIT_CODE)

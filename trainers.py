@@ -175,7 +175,29 @@ def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
 # ----------------------------------------------------------------------------------------------
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint; rerun with resume=true."""
+    """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (none before the first update); rerun with
+    resume=true."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, the time limit (Slurm's --signal), `kill`
+_stop_signal = None  # the last of STOP_SIGNALS this process received since catch_stop_signals
+
+
+def catch_stop_signals():
+    """From now on SIGTERM and SIGUSR1 do not kill this process: the trainer stops after its current update,
+    with a checkpoint, or before its first one. train.py calls it as each training process starts, so that a
+    signal while the models load ends the run as preempted (exit 75, requeued under Slurm), not as failed."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def _on_stop_signal(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+    try:
+        utils.rank0_print(f'received signal {signum}: will checkpoint and stop after the current update')
+    except RuntimeError:  # it interrupted a print to stdout ("reentrant call"): the signal is recorded all the same
+        pass
 
 
 class NonFiniteError(RuntimeError):
@@ -229,7 +251,6 @@ class BasicTrainer:
         self.loaded_checkpoint = None  # (directory, examples seen) after a resume
         self.nonfinite_updates = self.nonfinite_streak = 0  # skipped updates: total, and in a row
         self.pending_metrics = defaultdict(list)  # training metrics not yet logged
-        self.stop_signal = None
         self.metrics_path = os.path.join(run_dir, 'metrics.jsonl')
         self.pair_layout = self.choose_pair_layout(config.pair_layout)
 
@@ -557,9 +578,10 @@ class BasicTrainer:
         self.save(output_dir, metrics)
         self.last_checkpoint = self.example_counter
 
-    def _on_stop_signal(self, signum, frame):
-        utils.rank0_print(f'received signal {signum}: will checkpoint after this update and stop')
-        self.stop_signal = signum
+    @property
+    def stop_signal(self) -> Optional[int]:
+        """SIGTERM or SIGUSR1 once this process received one (see `catch_stop_signals`), else None."""
+        return _stop_signal
 
     def update(self, batch: Dict):
         """One optimizer update from gradient_accumulation_steps microbatches of this rank's share. A
@@ -595,13 +617,15 @@ class BasicTrainer:
     def train(self):
         """The reference's loop: evaluate every eval_every examples (and checkpoint), then one update;
         log at most every minimum_log_interval_secs. SIGTERM/SIGUSR1 (preemption) checkpoint and raise
-        `Preempted` after the current update."""
+        `Preempted` after the current update (before the first: raise it without a checkpoint)."""
         c = self.config
         utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
         if self.example_counter == 0:
             utils.seed_everything(self.seed)
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._on_stop_signal)
+        catch_stop_signals()
+        if self.any_rank(self.stop_signal is not None):  # it came while the run started: nothing new to save
+            raise Preempted(f'stopped by signal {self.stop_signal} before the first update (after '
+                            f'{self.example_counter} examples): no new checkpoint')
         last_log = None
         progress = tqdm(total=self.n_train_examples(), initial=self.example_counter, unit='ex',
                         desc=f'{c.loss.name} training', disable=self.rank != 0, dynamic_ncols=True)
