@@ -341,7 +341,7 @@ def remove_if_unused(run_dir: str):
 def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
     the checkpoint that `open_run_dir` chose), saves."""
-    trainers.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
+    utils.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         utils.init_distributed(rank, world_size)
@@ -394,7 +394,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         print(e, flush=True)
         # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
         # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
-        for signum in trainers.STOP_SIGNALS:
+        for signum in utils.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import random
-import signal
 import time
 from collections import defaultdict
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
@@ -177,27 +176,6 @@ def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (none before the first update); rerun with
     resume=true."""
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, the time limit (Slurm's --signal), `kill`
-_stop_signal = None  # the last of STOP_SIGNALS this process received since catch_stop_signals
-
-
-def catch_stop_signals():
-    """From now on SIGTERM and SIGUSR1 do not kill this process: the trainer stops after its current update,
-    with a checkpoint, or before its first one. train.py calls it as each training process starts, so that a
-    signal while the models load ends the run as preempted (exit 75, requeued under Slurm), not as failed."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_stop_signal)
-
-
-def _on_stop_signal(signum, frame):
-    global _stop_signal
-    _stop_signal = signum
-    try:
-        utils.rank0_print(f'received signal {signum}: will checkpoint and stop after the current update')
-    except RuntimeError:  # it interrupted a print to stdout ("reentrant call"): the signal is recorded all the same
-        pass
 
 
 class NonFiniteError(RuntimeError):
@@ -580,8 +558,8 @@ class BasicTrainer:
 
     @property
     def stop_signal(self) -> Optional[int]:
-        """SIGTERM or SIGUSR1 once this process received one (see `catch_stop_signals`), else None."""
-        return _stop_signal
+        """SIGTERM or SIGUSR1 once this process received one (see `utils.catch_stop_signals`), else None."""
+        return utils.received_stop_signal()
 
     def update(self, batch: Dict):
         """One optimizer update from gradient_accumulation_steps microbatches of this rank's share. A
@@ -622,7 +600,7 @@ class BasicTrainer:
         utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
         if self.example_counter == 0:
             utils.seed_everything(self.seed)
-        catch_stop_signals()
+        utils.catch_stop_signals()
         if self.any_rank(self.stop_signal is not None):  # it came while the run started: nothing new to save
             raise Preempted(f'stopped by signal {self.stop_signal} before the first update (after '
                             f'{self.example_counter} examples): no new checkpoint')

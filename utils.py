@@ -10,6 +10,7 @@ import os
 import pwd
 import random
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -307,3 +308,29 @@ def wandb_mode() -> str:
         return 'online'
     except OSError:
         return 'offline'
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, the time limit (Slurm's --signal), `kill`
+_stop_signal = None  # the last of STOP_SIGNALS this process received since catch_stop_signals
+
+
+def catch_stop_signals():
+    """From now on SIGTERM and SIGUSR1 do not kill this process: the trainer stops after its current update,
+    with a checkpoint, or before its first one. train.py calls it as each training process starts, so that a
+    signal while the models load ends the run as preempted (exit 75, requeued under Slurm), not as failed."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_signal)
+
+
+def received_stop_signal() -> Optional[int]:
+    """The last of STOP_SIGNALS this process received since catch_stop_signals, else None."""
+    return _stop_signal
+
+
+def _on_stop_signal(signum, frame):
+    global _stop_signal
+    _stop_signal = signum
+    try:
+        rank0_print(f'received signal {signum}: will checkpoint and stop after the current update')
+    except RuntimeError:  # it interrupted a print to stdout ("reentrant call"): the signal is recorded all the same
+        pass
