@@ -56,7 +56,8 @@ def make_trainer(args, variant, run_dir):
                  'warmup_steps=0', f'batch_size={args.pairs}', f'local_dirs=[{os.path.join(ROOT, ".cache")}]',
                  f'datasets=[{write_hh_file(os.path.join(run_dir, "pairs.jsonl"), n=8)}]', f'local_run_dir={run_dir}',
                  'n_eval_examples=0', 'wandb.enabled=false', f'stats_impl={args.stats_impl}',
-                 f'lora.r={args.lora_r if variant == "lora" else "null"}']
+                 f'lora.r={args.lora_r if variant == "lora" else "null"}',
+                 'pair_layout=padded']  # the synthetic pairs share no prompt; layouts: bench_tdpo_step.py --layouts
     config = compose_config(overrides)
     train.check_config(config)
     policy, reference_model = train.build_models(config)
