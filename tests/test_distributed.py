@@ -54,7 +54,7 @@ def assert_same_run(expected_dir, got_dir, weight_atol=1e-6):
     want_state, have_state = final_policy(expected_dir), final_policy(got_dir)
     assert set(have_state) == set(want_state)
     for key in want_state:
-        torch.testing.assert_close(have_state[key], want_state[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(have_state[key], want_state[key], rtol=1e-4, atol=weight_atol)
 
 
 @pytest.mark.parametrize('loss', ['sft', 'tdpo'])
