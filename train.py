@@ -209,16 +209,10 @@ def build_models(config: DictConfig, device_map=None):
 
 def load_archive_weights(model, state: dict, config: DictConfig):
     """model.archive's weights into `model`; weights that do not fit the model are one ConfigError."""
-    fits = "does not fit model.name_or_path=" + str(config.model.name_or_path)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes differ
-        problem = next((line.strip() for line in str(e).splitlines() if 'size mismatch' in line), str(e).splitlines()[0])
-        raise ConfigError(f'model.archive={config.model.archive} {fits}: {problem}') from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f'model.archive={config.model.archive} {fits}: {len(result.missing_keys)} of its weights '
-                          f'missing (first: {result.missing_keys[:1]}), {len(result.unexpected_keys)} unknown to it '
-                          f'(first: {result.unexpected_keys[:1]})')
+    problem = utils.load_weights(model, state)
+    if problem:
+        raise ConfigError(f'model.archive={config.model.archive} does not fit '
+                          f'model.name_or_path={config.model.name_or_path}: {problem}')
 
 
 def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:

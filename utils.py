@@ -290,6 +290,19 @@ def load_model(model_config: DictConfig, dtype: str, cache_dir: str, device_map=
 # wandb
 # --------------------------------------------------------------------------------------------------
 
+def load_weights(model: torch.nn.Module, state: Dict) -> Optional[str]:
+    """Loads `state` into `model`; None when every weight fits, else one line saying what does not."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        lines = str(e).splitlines()
+        return next((line.strip() for line in lines if 'size mismatch' in line), lines[0])
+    if result.missing_keys or result.unexpected_keys:
+        return (f'{len(result.missing_keys)} of its weights missing (first: {result.missing_keys[:1]}), '
+                f'{len(result.unexpected_keys)} unknown to it (first: {result.unexpected_keys[:1]})')
+    return None
+
+
 def wandb_mode() -> str:
     """'online' with credentials and a reachable server, else 'offline' (a local run for `wandb sync`).
     An explicit WANDB_MODE wins."""

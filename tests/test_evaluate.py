@@ -166,3 +166,27 @@ def test_evaluation_computes_in_the_precision_the_run_trained_in(tmp_path):
         assert next(evaluate.load(str(checkpoint), 'bfloat16')[0].parameters()).dtype == torch.bfloat16
     assert (result['policy_dtype'], result['reference_dtype']) == ('bfloat16', 'float32')
     assert result['kl'] != 0  # the same weights, in bfloat16 against float32: the precision is in the KL
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_run_model_is_one_line(tmp_path):
+    """A checkpoint's policy.pt that does not fit the model its run's config.yaml names (a weight of another
+    shape, or one missing) stops evaluate.py with one line naming the file, not a traceback."""
+    from omegaconf import OmegaConf
+
+    import utils
+    from helpers import compose_config
+    run_dir, pairs = tmp_path / 'run', write_hh_file(tmp_path / 'pairs.jsonl', n=5)
+    config = compose_config(['model=tiny', 'exp_name=x', f'local_dirs=[{CACHE}]', f'local_run_dir={run_dir}'])
+    OmegaConf.resolve(config)
+    state = utils.load_model(config.model, 'float32', CACHE).state_dict()
+    name = next(k for k in state if k.endswith('q_proj.weight'))
+    for broken, message in (({**state, name: state[name][:, :-1]}, 'size mismatch'),
+                            ({k: v for k, v in state.items() if k != name}, '1 of its weights missing')):
+        checkpoint = run_dir / 'step-4'
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / 'config.yaml')
+        torch.save({'step_idx': 4, 'state': broken, 'metrics': {}}, checkpoint / 'policy.pt')
+        proc = subprocess.run([sys.executable, 'evaluate.py', f'policy={checkpoint}', 'reference=model:tiny',
+                               f'prompts={pairs}', *SMALL], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+        assert f'{checkpoint}/policy.pt does not fit' in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
