@@ -62,25 +62,25 @@ def cut_after_eos(ids: Sequence[int], eos_id: int) -> List[int]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: List[str], max_new_tokens: int, seed: int, batch_size: int,
-           temperature: float = 1.0, desc: str = 'sampling') -> Tuple[List[List[int]], List[List[int]]]:
-    """(prompt ids, response ids) per prompt string: ancestral samples (top_k=0, top_p=1); each response
-    ends at its first EOS or after max_new_tokens."""
-    tokenizer.padding_side = 'left'
+def sample(model, tokenizer, prompt_ids: List[List[int]], max_new_tokens: int, seed: int, batch_size: int,
+           temperature: float = 1.0, desc: str = 'sampling') -> List[List[int]]:
+    """Response ids per prompt (token ids, left-padded in batches): ancestral samples (top_k=0, top_p=1);
+    each response ends at its first EOS or after max_new_tokens."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    prompt_ids, response_ids = [], []
+    response_ids = []
     start = time.time()
-    for b in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[b:b + batch_size], return_tensors='pt', padding=True, add_special_tokens=False)
-        out = model.generate(**enc.to(device), do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-        for row, mask in zip(enc['input_ids'], enc['attention_mask']):
-            prompt_ids.append(row[mask.bool()].tolist())
-        response_ids += [cut_after_eos(r, tokenizer.eos_token_id) for r in out[:, enc['input_ids'].shape[1]:].tolist()]
-        print(f'  {desc}: {len(response_ids)}/{len(prompts)} ({time.time() - start:.0f} s)', flush=True)
-    return prompt_ids, response_ids
+    for b in range(0, len(prompt_ids), batch_size):
+        rows = prompt_ids[b:b + batch_size]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + list(r) for r in rows])
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        response_ids += [cut_after_eos(r, tokenizer.eos_token_id) for r in out[:, width:].tolist()]
+        print(f'  {desc}: {len(response_ids)}/{len(prompt_ids)} ({time.time() - start:.0f} s)', flush=True)
+    return response_ids
 
 
 def _right_padded(prompt_ids: List[List[int]], response_ids: List[List[int]], pad_id: int):
@@ -263,13 +263,16 @@ def load(spec: str, dtype: str = 'float32', trust: bool = False):
     return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), tokenizer, kind, path
 
 
-def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[str]:
-    """Distinct prompts of a local preference file (any format train.py reads: HH dialogues, explicit
-    `prompt`/`chosen`/`rejected` rows, chat messages), whole and in file order, rendered as for training."""
+def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[Tuple[str, List[int]]]:
+    """(text, token ids) of the distinct prompts of a local preference file (any format train.py reads: HH
+    dialogues, explicit `prompt`/`chosen`/`rejected` rows, chat messages), whole and in file order: the
+    ids training gives them before truncation (a chat prompt's template ids, with special-token text inside
+    a message kept as text)."""
     if not preference_datasets.is_local_file(path):
         raise ValueError(f'prompts={path}: expected a local .jsonl, .jsonl.gz, .json or .parquet file, or a '
                          f'save_to_disk directory, of preference pairs')
-    prompts = list(preference_datasets.get_local(path, 'test', tokenizer, eval_fraction=1.0))  # 1.0: every row
+    data = preference_datasets.get_local(path, 'test', tokenizer, eval_fraction=1.0)  # 1.0: every row
+    prompts = list(preference_datasets.prompt_token_ids(tokenizer, data).items())
     return prompts[:n] if n else prompts
 
 
@@ -288,9 +291,11 @@ def default_out(kind: str, path: str) -> str:
     return os.path.join(os.path.dirname(path) if os.path.basename(path) == 'hf' else path, 'eval.json')
 
 
-def score(model, tokenizer, prompts: List[str], config: DictConfig, reward_fn, name: str) -> Dict:
-    prompt_ids, response_ids = sample(model, tokenizer, prompts, config.max_new_tokens, config.seed,
-                                      config.batch_size, desc=f'{name} samples')
+def score(model, tokenizer, prompts: List[Tuple[str, List[int]]], config: DictConfig, reward_fn, name: str) -> Dict:
+    """Samples of `model` for (text, ids) prompts, decoded and scored by reward_fn."""
+    prompt_ids = [ids for _, ids in prompts]
+    response_ids = sample(model, tokenizer, prompt_ids, config.max_new_tokens, config.seed, config.batch_size,
+                          desc=f'{name} samples')
     texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in response_ids]
     rewards = [reward_fn(t) for t in texts]
     return {'prompt_ids': prompt_ids, 'response_ids': response_ids, 'texts': texts, 'rewards': rewards}
@@ -343,7 +348,7 @@ def evaluate(config: DictConfig) -> Dict:
         result[f'{name}_positive_share'] = mean([r > 0.05 for r in s['rewards']])
         result[f'{name}_response_tokens'] = mean([len(r) for r in s['response_ids']])
     user_turn = lambda p: p.split('<|im_start|>user\n')[-1].split('<|im_end|>')[0]  # chat-templated prompts
-    result['examples'] = [dict({'prompt': user_turn(prompts[i])},
+    result['examples'] = [dict({'prompt': user_turn(prompts[i][0])},
                                **{name: s['texts'][i] for name, s in scores.items()},
                                **{f'{name}_reward': s['rewards'][i] for name, s in scores.items()})
                           for i in range(0, min(config.n_examples * config.samples_per_prompt, len(prompts)),
@@ -363,7 +368,7 @@ def main(config: DictConfig):
         out = config.out or default_out(*resolve_model_path(config.policy))
         resolve_model_path(config.reference)
         result = evaluate(config)
-    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError, utils.DiskFullError) as e:
         raise SystemExit(f'evaluate: {e}')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + '.tmp', 'w') as f:

@@ -368,6 +368,13 @@ def _tokenize(tokenizer, texts: List[str]) -> List[List[int]]:
     return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)['input_ids'] if texts else []
 
 
+def prompt_token_ids(tokenizer, data: Dict) -> Dict[str, List[int]]:
+    """Token ids of every prompt of a data set, before truncation: a chat row's template ids, else the text's."""
+    text_prompts = [p for p, e in data.items() if e.get('prompt_ids') is None]
+    text_ids = dict(zip(text_prompts, _tokenize(tokenizer, text_prompts)))
+    return {p: e.get('prompt_ids') or text_ids[p] for p, e in data.items()}
+
+
 def tokenize_dataset(data: Dict, tokenizer, max_length: int, max_prompt_length: int, sft_mode: bool,
                      silent: bool = False) -> List[Example]:
     """Plain-text prompts and responses are tokenized as text (plus EOS for responses); chat rows bring
@@ -375,8 +382,7 @@ def tokenize_dataset(data: Dict, tokenizer, max_length: int, max_prompt_length: 
     def given_ids(entry):  # per response: the chat template's ids, or None for text
         return entry.get('response_ids') or [None] * len(entry['responses'])
 
-    text_prompts = [p for p, e in data.items() if e.get('prompt_ids') is None]
-    prompt_ids = dict(zip(text_prompts, _tokenize(tokenizer, text_prompts)))
+    prompt_ids = prompt_token_ids(tokenizer, data)
     texts = {r for e in data.values() for r, ids in zip(e['responses'], given_ids(e)) if ids is None}
     texts |= {e['sft_target'] for e in data.values() if e['sft_target'] not in e['responses']}
     texts = sorted(texts)
@@ -386,7 +392,6 @@ def tokenize_dataset(data: Dict, tokenizer, max_length: int, max_prompt_length: 
     for prompt, entry in tqdm(data.items(), total=len(data), desc='Tokenizing', disable=silent):
         responses = entry['responses']
         ids = [given if given is not None else text_ids[text] for text, given in zip(responses, given_ids(entry))]
-        p_ids = entry.get('prompt_ids') or prompt_ids[prompt]
         if sft_mode:
             target = entry['sft_target']
             target_ids = ids[len(responses) - 1 - responses[::-1].index(target)] if target in responses else text_ids[target]
@@ -394,7 +399,7 @@ def tokenize_dataset(data: Dict, tokenizer, max_length: int, max_prompt_length: 
         else:
             pairs = [(responses[i], ids[i], responses[j], ids[j]) for i, j in entry['pairs']]
         for chosen, chosen_ids, rejected, rejected_ids in pairs:
-            p, rs = truncate(p_ids, [chosen_ids] if rejected is None else [chosen_ids, rejected_ids],
+            p, rs = truncate(prompt_ids[prompt], [chosen_ids] if rejected is None else [chosen_ids, rejected_ids],
                              entry['truncation_mode'], max_length, max_prompt_length)
             examples.append(Example(prompt, chosen, rejected, p, rs[0], rs[1] if rejected is not None else None))
     return examples
@@ -440,6 +445,23 @@ def load_split(config, tokenizer, split: str, cache_dir: str, silent: bool = Fal
     return load_examples(list(names), tokenizer, split, config.max_length, config.max_prompt_length,
                          sft_mode=config.loss.name == 'sft', cache_dir=cache_dir, eval_fraction=fraction, silent=silent,
                          on_bad_example=config.on_bad_example, columns=dict(config.data_columns))
+
+
+class RunData(NamedTuple):
+    """What a run trains and evaluates on: the tokenizer, the training examples, and the examples that
+    held-out evaluation draws from (empty when n_eval_examples is 0)."""
+    tokenizer: object
+    train: List[Example]
+    eval: List[Example]
+
+
+def load_run_data(config, cache_dir: str, silent: bool = False) -> RunData:
+    """The tokenizer and both splits of a composed train.py config (train.py loads them before the models,
+    so that a bad data file costs no model load)."""
+    import utils  # here: utils is a helper of the entry points, not of the data code above
+    tokenizer = utils.load_tokenizer(config.model, cache_dir)
+    return RunData(tokenizer, load_split(config, tokenizer, 'train', cache_dir, silent),
+                   load_split(config, tokenizer, 'test', cache_dir, silent) if config.n_eval_examples else [])
 
 
 def _right_pad(seqs: List[List[int]], pad: int) -> torch.Tensor:

@@ -344,7 +344,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     try:
         run_training(rank, world_size, config, resume_from)
         finished = True
-    except checkpoints.CheckpointError as e:  # a full disk, a damaged or unsafe checkpoint: one line
+    except (checkpoints.CheckpointError, utils.DiskFullError) as e:  # a full disk, a damaged or unsafe checkpoint
         sys.exit(str(e) if rank == 0 else 1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -364,6 +364,10 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
     trainer_class = TRAINERS[config.trainer]
     # BasicTrainer spreads one model over all local GPUs; a distributed trainer gives each rank one GPU
     device_map = 'balanced' if torch.cuda.device_count() > 1 and not trainer_class.distributed else None
+    try:  # the data first: a bad data file costs no model load
+        data = preference_datasets.load_run_data(config, utils.get_local_dir(config.local_dirs), silent=rank != 0)
+    except preference_datasets.DataError as e:
+        sys.exit(f'data error: {e}')
     try:
         policy, reference_model = build_models(config, device_map=device_map)
     except ConfigError as e:
@@ -374,14 +378,12 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         init_wandb(config, run_id)
     try:
         trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
-                                reference_model=reference_model, rank=rank, world_size=world_size)
+                                reference_model=reference_model, rank=rank, world_size=world_size, data=data)
         if resume_from:
             trainer.load_training_state(resume_from)
         elif rank == 0 and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a new start in a reused run directory
         trainer.train()
-    except preference_datasets.DataError as e:
-        sys.exit(f'data error: {e}')
     except trainers.NonFiniteError as e:
         sys.exit(f'training stopped: {e}')
     except trainers.Preempted as e:

@@ -200,21 +200,19 @@ class BasicTrainer:
     supports_lora = True
 
     def __init__(self, policy, config: DictConfig, seed: int, run_dir: str, reference_model=None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, data: Optional[preference_datasets.RunData] = None):
         self.config, self.seed, self.run_dir = config, seed, run_dir
         self.rank, self.world_size = rank, world_size
         self.data_rank, self.data_world_size = (rank, world_size) if self.splits_batches else (0, 1)
         self.is_sft = config.loss.name == 'sft'
         self.preference_loss = None if self.is_sft else build_preference_loss(config.loss)
-        cache_dir = utils.get_local_dir(config.local_dirs)
-        self.tokenizer = utils.load_tokenizer(config.model, cache_dir)
-        self.train_examples = preference_datasets.load_split(config, self.tokenizer, 'train', cache_dir, silent=rank != 0)
-        self.eval_examples = []
-        if config.n_eval_examples:
-            eval_examples = preference_datasets.load_split(config, self.tokenizer, 'test', cache_dir, silent=rank != 0)
-            random.Random(seed).shuffle(eval_examples)
-            n_eval = min(config.n_eval_examples, len(eval_examples))
-            self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
+        if data is None:  # train.py loads it before the models; tests and benchmarks leave it to the trainer
+            data = preference_datasets.load_run_data(config, utils.get_local_dir(config.local_dirs), rank != 0)
+        self.tokenizer, self.train_examples = data.tokenizer, data.train
+        eval_examples = list(data.eval)
+        random.Random(seed).shuffle(eval_examples)
+        n_eval = min(config.n_eval_examples or 0, len(eval_examples))
+        self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)

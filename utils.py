@@ -2,6 +2,7 @@
 padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
 import contextlib
 import datetime
+import errno
 import fcntl
 import getpass
 import glob
@@ -199,6 +200,20 @@ def _from_hub_or_local(loader, name_or_path: str, what: str, **kwargs):
             f"use model=smollm2-135m / model=tiny, which work offline.") from e
 
 
+class DiskFullError(RuntimeError):
+    """A cache write ran out of space; the partial file was removed. The message is one line for the user."""
+
+
+def looks_like_disk_full(error: BaseException, free: int) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC/EDQUOT, a library's wrapped 'No space left'
+    (safetensors' Rust writer raises no OSError), or almost no space left where it wrote."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or 'No space left' in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return free < 64 * 2**20
+
+
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
     Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
@@ -239,8 +254,18 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     model.should_save_on_this_rank = lambda is_main_process: True
     tmp = f'{target}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(target)).free
+        if looks_like_disk_full(e, free):
+            need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+            raise DiskFullError(f'disk full while converting {source} into {target} ({free / 2**20:.0f} MiB free '
+                                f'there, about {need / 2**20:.0f} MiB needed); removed the partial copy: free space '
+                                f'or point local_dirs at a larger disk, then rerun') from e
+        raise
     try:
         os.rename(tmp, target)
     except OSError:  # another process (without a working lock) finished first: use its copy

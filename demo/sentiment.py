@@ -122,7 +122,8 @@ def build(args):
         prompts = [render(tokenizer, m) for m in msgs_list]
         # two samples per prompt: both copies of a prompt sit in one batch, a different draw each
         doubled = [p for p in prompts for _ in range(2)]
-        _, responses = sample(model, tokenizer, doubled, args.max_new_tokens, args.seed + (split == 'test'),
+        doubled_ids = tokenizer(doubled, add_special_tokens=False)['input_ids']  # as inference tokenizes them
+        responses = sample(model, tokenizer, doubled_ids, args.max_new_tokens, args.seed + (split == 'test'),
                               args.batch_size, args.temperature, desc=f'{split} samples')
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
         rows, n_ties, scores = [], 0, []

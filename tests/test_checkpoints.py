@@ -4,7 +4,9 @@ which always runs too), real concurrent processes for the run-directory lock and
 truncated and torn files, the leftovers of a save killed between its renames, planted pickles that
 would create a file when unpickled, and directories planted in a shared scratch directory."""
 import collections
+import errno
 import getpass
+import glob
 import json
 import os
 import pickle
@@ -424,3 +426,30 @@ def test_train_py_refuses_a_run_dir_of_another_user(tmp_path):
                      'wandb.enabled=false', expect=1)
     assert f'config error: local_run_dir={run_dir} belongs to uid 4242, not to you' in out and 'Traceback' not in out
     assert os.listdir(run_dir) == []
+
+
+def test_model_cache_on_a_full_disk_is_one_line(tmp_path):
+    """First launch with local_dirs on a disk too small for the dequantized GGUF model (a real 40 MB tmpfs):
+    train.py stops with one line saying so, and leaves no partial copy in the cache."""
+    pairs = write_hh_file(tmp_path / 'pairs.jsonl', n=8)
+    with small_tmpfs(tmp_path / 'disk', '40m') as disk:
+        proc = subprocess.run([sys.executable, '-u', 'train.py', 'model=tiny', 'loss=sft', 'exp_name=full',
+                               f'local_dirs=[{disk}]', f'local_run_dir={tmp_path}/run', f'datasets=[{pairs}]',
+                               'wandb.enabled=false', 'n_examples=4', 'batch_size=2'],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+        assert last.startswith('disk full while converting ') and 'MiB free there' in last, proc.stderr[-3000:]
+        leftovers = [p for p in glob.glob(f'{disk}/**/*', recursive=True) if '.tmp' in os.path.basename(p)]
+        assert leftovers == [], leftovers
+
+
+def test_disk_full_is_recognised_through_wrapping_errors():
+    """safetensors' writer reports ENOSPC as its own error ('... No space left on device (os error 28)'),
+    transformers may wrap it; a plain error with space left is not a full disk."""
+    wrapped = RuntimeError('save failed')
+    wrapped.__cause__ = Exception('Error while serializing: I/O error: No space left on device (os error 28)')
+    assert utils.looks_like_disk_full(wrapped, free=2**30)
+    assert utils.looks_like_disk_full(OSError(errno.EDQUOT, 'Disk quota exceeded'), free=2**30)
+    assert utils.looks_like_disk_full(RuntimeError('unexpected pos'), free=0)
+    assert not utils.looks_like_disk_full(PermissionError(13, 'Permission denied'), free=2**30)

@@ -498,17 +498,20 @@ def test_inspection_command_errors_are_one_line(tmp_path, args, line):
 
 
 def test_a_failed_launch_leaves_no_empty_run_directory(tmp_path):
-    """train.py on a bad data file: one data error line, and the run directory this launch created (holding
-    only config.yaml and the lock) is gone; a run directory that existed before is kept."""
+    """train.py on a bad data file: one data error line, before any model is loaded (build_models prints
+    the reference's dtype first), and the run directory this launch created (holding only config.yaml and
+    the lock) is gone; a run directory that existed before is kept."""
     write_jsonl(tmp_path / 'bad.jsonl', [GOOD, {**GOOD, 'prompt': None}])
-    args = ['-u', 'train.py', 'model=tiny', 'loss=sft', 'exp_name=bad', f'local_dirs=[{CACHE}]',
+    args = ['-u', 'train.py', 'model=tiny', 'loss=tdpo', 'exp_name=bad', f'local_dirs=[{CACHE}]',
             f'datasets=[{tmp_path}/bad.jsonl]', 'wandb.enabled=false', 'n_examples=8', 'batch_size=4']
     for run_dir, existed in ((tmp_path / 'new_run', False), (tmp_path / 'old_run', True)):
         if existed:
             os.makedirs(run_dir)
         code, out, err = run([*args, f'local_run_dir={run_dir}'])
         assert code == 1 and err.strip().splitlines()[-1].startswith(f'data error: {tmp_path}/bad.jsonl:2: '), err[-2000:]
+        assert 'reference model in' not in out, out[-2000:]  # the data was read before the models
         assert os.path.isdir(run_dir) == existed, os.listdir(tmp_path)
+
 
 def test_train_on_conversational_parquet_with_save_to_disk_eval(tmp_path):
     """train.py end to end on the new formats: conversational implicit rows in parquet for training, a
@@ -527,3 +530,23 @@ def test_train_on_conversational_parquet_with_save_to_disk_eval(tmp_path):
     assert '9 train and 3 eval examples' in out, out[-2000:]   # eval data named: the training file is used whole
     metrics = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
     assert [m['step'] for m in metrics if m['split'] == 'eval'] == [0, 8]
+
+
+def test_evaluate_samples_from_the_prompt_ids_training_uses(tokenizer, tmp_path):
+    """evaluate.py reads its prompts with training's tokenization: a chat prompt whose user turn holds
+    special-token text (which tokenizer(rendered text) would turn into turn markers), a plain-text prompt
+    with such text, and an ordinary one all get the ids training gives them."""
+    import evaluate
+    rows = [{'prompt': [SYSTEM, {'role': 'user', 'content': 'Is <|im_end|> a token? <|im_start|>user\nno'}],
+             'chosen': 'Yes.', 'rejected': 'No.'},
+            {'prompt': 'Plain <|endoftext|> text:', 'chosen': ' a', 'rejected': ' b'},
+            {'prompt': [USER], 'chosen': 'Great.', 'rejected': 'Bad.'}]
+    path = write_jsonl(tmp_path / 'prompts.jsonl', rows)
+    prompts = evaluate.read_prompts(path, tokenizer, None)
+    training = {e.prompt: e.prompt_ids for e in tokenize_dataset(get_dataset(path, 'train', tokenizer, eval_fraction=0.0),
+                                                                 tokenizer, 100_000, 50_000, sft_mode=False, silent=True)}
+    assert [text for text, _ in prompts] == list(training)  # file order
+    assert all(ids == training[text] for text, ids in prompts)
+    naive = [tokenizer(text, add_special_tokens=False)['input_ids'] for text, _ in prompts]
+    assert [ids != n for (_, ids), n in zip(prompts, naive)] == [True, True, False]  # the case this guards
+    assert prompts[2][1] == inference_ids(tokenizer, [USER], True)
