@@ -384,6 +384,8 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         elif rank == 0 and os.path.exists(trainer.metrics_path):
             os.remove(trainer.metrics_path)  # a new start in a reused run directory
         trainer.train()
+    except preference_datasets.DataError as e:  # e.g. fewer examples than one batch
+        sys.exit(f'data error: {e}')
     except trainers.NonFiniteError as e:
         sys.exit(f'training stopped: {e}')
     except trainers.Preempted as e:
