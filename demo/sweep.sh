@@ -65,6 +65,19 @@ else
 fi
 T[sft]=$(elapsed "$t")
 
+# Disk: each run keeps two checkpoints (weights and AdamW state: 3x the weights) and an hf/ export, about
+# 7x the SFT export's weights; stop now rather than on a full disk halfway (a rerun continues either way).
+n_runs=$(( $(tr ',' '\n' <<< "$BETAS" | wc -l) * (2 + FDPO + $(tr ',' '\n' <<< "$ALPHAS" | wc -l)) ))
+n_done=$(find "$RUNS" -mindepth 3 -maxdepth 3 -path '*/hf/config.json' ! -path "$SFT_RUN/*" | wc -l)
+weights=$(du -sb "$SFT_RUN"/hf/*.safetensors | awk '{s += $1} END {print s}')
+need=$(( (n_runs - n_done) * 7 * weights ))
+free=$(df -B1 --output=avail "$RUNS" | tail -1)
+if [ "$need" -gt "$free" ] && [ "${FORCE:-0}" != 1 ]; then
+    echo "sweep: the $((n_runs - n_done)) runs left need about $((need / 2**30)) GiB, $((free / 2**30)) GiB free in $RUNS:" \
+         "free space or set SWEEP_DIR to a larger disk (FORCE=1 starts anyway)" >&2
+    exit 1
+fi
+
 echo "=== [3/5] DPO, TDPO1, TDPO2 (alpha in $ALPHAS), f-DPO; beta in $BETAS (Hydra multiruns, $N_PAIRS pairs x $EPOCHS epochs each)"
 t=$(now)
 TRAIN_ARGS=("${COMMON[@]}" batch_size="$BATCH_SIZE" lr="$LR" n_epochs="$EPOCHS" n_eval_examples=64 eval_every="$HALF"
