@@ -261,7 +261,8 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
         if looks_like_disk_full(e, free):
-            need = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+            tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+            need = sum(t.numel() * t.element_size() for t in tensors.values())
             raise DiskFullError(f'disk full while converting {source} into {target} ({free / 2**20:.0f} MiB free '
                                 f'there, about {need / 2**20:.0f} MiB needed); removed the partial copy: free space '
                                 f'or point local_dirs at a larger disk, then rerun') from e
