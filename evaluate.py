@@ -144,7 +144,7 @@ def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
     model = utils.load_model(run_config.model, dtype, cache_dir)
     if lora.holds_adapter(state):
         policy = lora.wrap(_with_archive(model, run_config, trust), run_config.lora, run_config.seed)
-        lora.load_adapter(policy, state, f'{checkpoint}/policy.pt')
+        lora.load_trainable_state(policy, state, f'{checkpoint}/policy.pt')
         model = policy.merge_and_unload()
     else:
         _load_weights(model, state, f'{checkpoint}/policy.pt', run_config)

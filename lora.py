@@ -12,6 +12,7 @@ B starts at 0, so before training the policy equals the reference exactly.
 """
 import contextlib
 import os
+import sys
 import warnings
 from typing import Dict, Optional
 
@@ -57,8 +58,9 @@ def wrap(model: torch.nn.Module, lora_config: DictConfig, seed: int, base_name_o
 
 
 def is_lora(model: torch.nn.Module) -> bool:
-    import peft
-    return isinstance(model, peft.PeftModel)
+    """Whether `model` is a peft PeftModel; without importing peft (3 s) in runs that never did."""
+    peft = sys.modules.get('peft')
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -140,7 +142,8 @@ def export(policy, full_state: Dict[str, torch.Tensor], run_dir: str, tokenizer,
     return adapter_dir, hf_dir
 
 
-def load_adapter(policy, state: Dict[str, torch.Tensor], what: str):
-    """Load a trainable-only state (what checkpoints hold) into a LoRA policy, checking every key."""
-    result = policy.load_state_dict(state, strict=False)
-    check_loaded_keys(policy, result.missing_keys, result.unexpected_keys, what)
+def load_trainable_state(model: torch.nn.Module, state: Dict[str, torch.Tensor], what: str):
+    """Load what `trainable_state` gave (what checkpoints hold: with LoRA the adapter, else every weight)
+    into `model`, checking every key."""
+    result = model.load_state_dict(state, strict=False)
+    check_loaded_keys(model, result.missing_keys, result.unexpected_keys, what)

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+import lora
 import token_stats
 import utils
 
@@ -233,8 +234,7 @@ def prepare_model(model) -> Optional[str]:
     """Let `model` take this module's masks and position ids; returns None, or why it cannot (then use
     'padded'). An SDPA model on CUDA that supports FlexAttention gets the ATTENTION function (SDPA
     except for BlockMasks); otherwise SDPA, eager and flex_attention models take masks as they are."""
-    if hasattr(model, 'get_base_model'):  # a LoRA policy (peft) passes the keywords on to its transformers model
-        model = model.get_base_model()
+    model = lora.base_model(model)  # a LoRA policy passes the keywords on to its transformers model
     name = type(model).__name__
     if 'position_ids' not in inspect.signature(model.forward).parameters:
         return f'{name}.forward takes no position_ids'

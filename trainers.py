@@ -289,8 +289,7 @@ class BasicTrainer:
 
     def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
         """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
-        result = self.policy.load_state_dict(state, strict=False)
-        lora.check_loaded_keys(self.policy, result.missing_keys, result.unexpected_keys, 'the checkpoint\'s policy.pt')
+        lora.load_trainable_state(self.policy, state, 'the checkpoint\'s policy.pt')
 
     def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
         """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;

@@ -345,7 +345,7 @@ def test_train_resume_export_and_evaluate(tmp_path, sft_archive):
     with_adapter = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(full, 'adapter')).eval()
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(full, 'hf')).eval()
     trained = lora.wrap(copy.deepcopy(base), compose_config(['exp_name=x', f'lora.r={R}', f'lora.alpha={ALPHA}']).lora, 0)
-    lora.load_adapter(trained, adapter[full], 'LATEST')
+    lora.load_trainable_state(trained, adapter[full], 'LATEST')
     ids = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = trained(ids).logits
