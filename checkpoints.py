@@ -13,7 +13,6 @@ module decides *how* it is written, checked and found, so that a run never loses
 Never imports trainers.py.
 """
 import contextlib
-import errno
 import fcntl
 import io
 import json
@@ -39,7 +38,6 @@ MANIFEST = 'manifest.json'            # written last: {'step': examples seen, 'f
 SHARDED = 'sharded'                   # torch.distributed.checkpoint directory of the sharded trainers
 LOCK_FILE = '.lock'                   # in the run directory; says which host and pid hold the run
 TRUST_KEY = 'trust_checkpoint_code'   # the config key that allows loading files that run code
-LOW_SPACE = 64 * 2**20                # a write failing with less free space than this failed on a full disk
 CANDIDATE = re.compile(r'(step-\d+|LATEST)(?:\.(tmp|old)-\d+)?')  # checkpoint names, with interrupted-save leftovers
 
 
@@ -176,7 +174,7 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
         raise CheckpointError(f'writing checkpoint {path} failed') from error
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     shutil.rmtree(tmp, ignore_errors=True)
-    if _disk_full(error, failures, free):
+    if utils.looks_like_disk_full(_causes(error), free) or any('No space left' in m for _, m in failures):
         raise DiskFullError(f'disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free there); '
                             f'removed the partial {os.path.basename(tmp)}; the previous checkpoints are intact: '
                             f'free space, then rerun with resume=true') from error
@@ -188,22 +186,13 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
     raise CheckpointError(f'writing checkpoint {path} failed on rank {failures[0][0]}: {failures[0][1]}')
 
 
-def _disk_full(error: Optional[BaseException], failures: List[Tuple[int, str]], free: int) -> bool:
-    """Whether a failed write failed for lack of space. torch's zip writer reports a full disk without an
-    errno ('[enforce fail at inline_container.cc] unexpected pos'), so little free space also counts."""
-    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in _causes(error)):
-        return True
-    return free < LOW_SPACE or any('No space left' in message for _, message in failures)
-
-
 def _causes(error: Optional[BaseException]):
     """An exception, what caused it, and the per-rank exceptions of a torch.distributed.checkpoint failure."""
-    while error is not None:
-        yield error
-        if isinstance(error, CheckpointException):
-            for failure, _ in error.failures.values():
+    for cause in utils.exception_chain(error):
+        yield cause
+        if isinstance(cause, CheckpointException):
+            for failure, _ in cause.failures.values():
                 yield from _causes(failure)
-        error = error.__cause__ or error.__context__
 
 
 def _fsync(path: str):

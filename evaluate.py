@@ -147,7 +147,7 @@ def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
         lora.load_trainable_state(policy, state, f'{checkpoint}/policy.pt')
         model = policy.merge_and_unload()
     else:
-        _load_weights(model, state, f'{checkpoint}/policy.pt', run_config)
+        utils.load_weights(model, state, f'{checkpoint}/policy.pt', run_config.model.name_or_path)
     return model, utils.load_tokenizer(run_config.model, cache_dir)
 
 
@@ -155,15 +155,8 @@ def _with_archive(model, run_config: DictConfig, trust: bool = False):
     """The base weights of a LoRA run: its model, with the model.archive it started from loaded."""
     if run_config.model.archive:
         state = checkpoints.load_archive(run_config.model.archive, trust, mmap=True)['state']
-        _load_weights(model, state, run_config.model.archive, run_config)
+        utils.load_weights(model, state, run_config.model.archive, run_config.model.name_or_path)
     return model
-
-
-def _load_weights(model, state: dict, source: str, run_config: DictConfig):
-    problem = utils.load_weights(model, state)
-    if problem:
-        raise ValueError(f'{source} does not fit its run\'s model.name_or_path={run_config.model.name_or_path}: '
-                         f'{problem}')
 
 
 def _adapter_model(path: str, dtype: str, trust: bool = False):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 import chat_tokens
 import data_sources
 import tokenized_cache
+import utils
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
 
 ASSISTANT, HUMAN = '\n\nAssistant:', '\n\nHuman:'
@@ -458,7 +459,6 @@ class RunData(NamedTuple):
 def load_run_data(config, cache_dir: str, silent: bool = False) -> RunData:
     """The tokenizer and both splits of a composed train.py config (train.py loads them before the models,
     so that a bad data file costs no model load)."""
-    import utils  # here: utils is a helper of the entry points, not of the data code above
     tokenizer = utils.load_tokenizer(config.model, cache_dir)
     return RunData(tokenizer, load_split(config, tokenizer, 'train', cache_dir, silent),
                    load_split(config, tokenizer, 'test', cache_dir, silent) if config.n_eval_examples else [])
@@ -555,7 +555,6 @@ def main(argv: Optional[List[str]] = None):
     parser.add_argument('overrides', nargs='*', help="train.py's overrides, e.g. model=tiny datasets=[pairs.jsonl]")
     args = parser.parse_args(argv)
     import train  # the same composition and checks as train.py (imported here: train.py imports this module)
-    import utils
     overrides = list(args.overrides)
     if not any(o.lstrip('+~').startswith('exp_name=') for o in overrides):
         overrides.append('exp_name=inspect_data')  # required by train.py, unused here

@@ -206,13 +206,12 @@ def build_models(config: DictConfig, device_map=None):
     return policy, reference_model
 
 
-
 def load_archive_weights(model, state: dict, config: DictConfig):
     """model.archive's weights into `model`; weights that do not fit the model are one ConfigError."""
-    problem = utils.load_weights(model, state)
-    if problem:
-        raise ConfigError(f'model.archive={config.model.archive} does not fit '
-                          f'model.name_or_path={config.model.name_or_path}: {problem}')
+    try:
+        utils.load_weights(model, state, f'model.archive={config.model.archive}', config.model.name_or_path)
+    except utils.WeightsMismatch as e:
+        raise ConfigError(str(e)) from None
 
 
 def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:

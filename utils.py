@@ -15,7 +15,7 @@ import signal
 import socket
 import stat
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -204,14 +204,23 @@ class DiskFullError(RuntimeError):
     """A cache write ran out of space; the partial file was removed. The message is one line for the user."""
 
 
-def looks_like_disk_full(error: BaseException, free: int) -> bool:
-    """Whether a failed write failed for lack of space: ENOSPC/EDQUOT, a library's wrapped 'No space left'
-    (safetensors' Rust writer raises no OSError), or almost no space left where it wrote."""
+LOW_SPACE = 64 * 2**20  # a write failing with less free space than this failed on a full disk
+
+
+def exception_chain(error: Optional[BaseException]):
+    """An exception and what caused it, in turn (__cause__, else __context__)."""
     while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) or 'No space left' in str(error):
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return free < 64 * 2**20
+
+
+def looks_like_disk_full(errors: Iterable[BaseException], free: int) -> bool:
+    """Whether a failed write failed for lack of space, from what it raised (an exception and its causes) and
+    the space left where it wrote: ENOSPC/EDQUOT, a library's 'No space left' message (safetensors' Rust writer
+    raises no OSError), or less than LOW_SPACE free (torch's zip writer reports a full disk only as
+    '[enforce fail at inline_container.cc] unexpected pos')."""
+    return free < LOW_SPACE or any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+                                   or 'No space left' in str(e) for e in errors)
 
 
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
@@ -260,7 +269,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
-        if looks_like_disk_full(e, free):
+        if looks_like_disk_full(exception_chain(e), free):
             tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
             need = sum(t.numel() * t.element_size() for t in tensors.values())
             raise DiskFullError(f'disk full while converting {source} into {target} ({free / 2**20:.0f} MiB free '
@@ -312,22 +321,28 @@ def load_model(model_config: DictConfig, dtype: str, cache_dir: str, device_map=
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# wandb
-# --------------------------------------------------------------------------------------------------
+class WeightsMismatch(ValueError):
+    """Weights that do not fit a model; the message is one line for the user."""
 
-def load_weights(model: torch.nn.Module, state: Dict) -> Optional[str]:
-    """Loads `state` into `model`; None when every weight fits, else one line saying what does not."""
+
+def load_weights(model: torch.nn.Module, state: Dict, source: str, name_or_path: str):
+    """Loads `state` into `model`; WeightsMismatch, naming `source` and the model, if any weight does not fit."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes differ
         lines = str(e).splitlines()
-        return next((line.strip() for line in lines if 'size mismatch' in line), lines[0])
-    if result.missing_keys or result.unexpected_keys:
-        return (f'{len(result.missing_keys)} of its weights missing (first: {result.missing_keys[:1]}), '
-                f'{len(result.unexpected_keys)} unknown to it (first: {result.unexpected_keys[:1]})')
-    return None
+        problem = next((line.strip() for line in lines if 'size mismatch' in line), lines[0])
+    else:
+        if not (result.missing_keys or result.unexpected_keys):
+            return
+        problem = (f'{len(result.missing_keys)} of its weights missing (first: {result.missing_keys[:1]}), '
+                   f'{len(result.unexpected_keys)} unknown to it (first: {result.unexpected_keys[:1]})')
+    raise WeightsMismatch(f'{source} does not fit model.name_or_path={name_or_path}: {problem}')
 
+
+# --------------------------------------------------------------------------------------------------
+# wandb
+# --------------------------------------------------------------------------------------------------
 
 def wandb_mode() -> str:
     """'online' with credentials and a reachable server, else 'offline' (a local run for `wandb sync`).

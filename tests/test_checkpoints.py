@@ -449,7 +449,7 @@ def test_disk_full_is_recognised_through_wrapping_errors():
     transformers may wrap it; a plain error with space left is not a full disk."""
     wrapped = RuntimeError('save failed')
     wrapped.__cause__ = Exception('Error while serializing: I/O error: No space left on device (os error 28)')
-    assert utils.looks_like_disk_full(wrapped, free=2**30)
-    assert utils.looks_like_disk_full(OSError(errno.EDQUOT, 'Disk quota exceeded'), free=2**30)
-    assert utils.looks_like_disk_full(RuntimeError('unexpected pos'), free=0)
-    assert not utils.looks_like_disk_full(PermissionError(13, 'Permission denied'), free=2**30)
+    assert utils.looks_like_disk_full(utils.exception_chain(wrapped), free=2**30)
+    assert utils.looks_like_disk_full(utils.exception_chain(OSError(errno.EDQUOT, 'Disk quota exceeded')), free=2**30)
+    assert utils.looks_like_disk_full(utils.exception_chain(RuntimeError('unexpected pos')), free=0)
+    assert not utils.looks_like_disk_full(utils.exception_chain(PermissionError(13, 'Permission denied')), free=2**30)
