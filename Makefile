@@ -1,10 +1,11 @@
-# The README's commands: `make demo` (the main job, offline), `make sweep` (the paper's DPO/TDPO comparison,
+# The README's commands: `make demo` (the main job, offline), `make hh` (the paper's Anthropic HH comparison:
+# SFT, then DPO, TDPO1, TDPO2, scored on held-out pairs), `make sweep` (the paper's sentiment comparison,
 # ~45 min on 2 cores) and `make test` (what CI runs).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo sweep test setup clean-cache
+.PHONY: demo hh sweep test setup clean-cache
 
 setup: $(VENV)/.installed
 
@@ -19,6 +20,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/run_demo.sh
+
+hh: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/hh.sh
 
 sweep: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH bash demo/sweep.sh

@@ -406,6 +406,56 @@ def prune(run_dir: str, keep: Optional[int]):
             shutil.rmtree(os.path.join(run_dir, name))
 
 
+FINISHED_RUN_KEEPS = ('all', 'weights', 'export')  # the values of finished_run_keeps (config/config.yaml)
+
+
+def _manifest(directory: str) -> Dict:
+    with open(os.path.join(directory, MANIFEST)) as f:
+        return json.load(f)
+
+
+def finished_run_kept(checkpoint_dir: str) -> str:
+    """What a finished run's `finish_run` left of this checkpoint: 'all' (everything, so training can go
+    on), 'weights' or 'export' (no optimizer state)."""
+    try:
+        return _manifest(checkpoint_dir).get('kept', 'all')
+    except (OSError, ValueError, AttributeError):
+        return 'all'
+
+
+def finish_run(run_dir: str, keeps: str):
+    """Free what a finished run no longer needs, as finished_run_keeps says: 'weights' drops the optimizer
+    state (optimizer.pt; the sharded trainers' sharded/ policy and optimizer shards, whose full policy is
+    policy.pt) from every checkpoint; 'export' also drops LATEST/policy.pt, the same weights as the run's hf/
+    export. step-N/policy.pt stays either way (evaluate.py reads it). Each checkpoint's manifest is rewritten
+    first (atomically, listing what stays, with 'kept': keeps), then the files go: a kill in between leaves
+    a checkpoint that verifies and files that a rerun removes."""
+    if keeps == 'all':
+        return
+    for name in sorted(os.listdir(run_dir)):
+        directory = os.path.join(run_dir, name)
+        if not re.fullmatch(r'step-\d+|LATEST', name) or not os.path.isdir(directory):
+            continue
+        try:
+            step = verify(directory)
+        except Unverified:
+            continue  # not a complete checkpoint: leave it as it is
+        manifest = _manifest(directory)
+        dropped = lambda file: (file == 'optimizer.pt' or file.startswith(SHARDED + os.sep)
+                                or (keeps == 'export' and name == 'LATEST' and file == 'policy.pt'))
+        kept = {file: size for file, size in manifest['files'].items() if not dropped(file)}
+        with open(os.path.join(directory, MANIFEST + '.tmp'), 'w') as f:
+            json.dump({'step': step, 'files': kept, 'kept': keeps}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(directory, MANIFEST + '.tmp'), os.path.join(directory, MANIFEST))
+        for root, _, files in os.walk(directory):  # what is on disk: also what a kill left last time
+            for file in files:
+                if dropped(os.path.relpath(os.path.join(root, file), directory)):
+                    os.remove(os.path.join(root, file))
+        shutil.rmtree(os.path.join(directory, SHARDED), ignore_errors=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # RNG state, stored as tensors, lists and numbers (they load with weights_only=True)
 # --------------------------------------------------------------------------------------------------

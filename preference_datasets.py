@@ -266,10 +266,13 @@ def parse_row(row, where: str, tokenizer, columns: Optional[Dict[str, str]] = No
     return Pair(prompt, chosen, rejected, 'keep_start')
 
 
-def _is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
+def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     """Deterministic held-out slice of a local file: a stable hash of the prompt, so every pair of a
     prompt lands on the same side and the split never changes between runs or machines."""
     return int.from_bytes(hashlib.md5(prompt.encode('utf-8')).digest()[:8], 'big') < eval_fraction * 2 ** 64
+
+
+_is_eval_prompt = is_eval_prompt  # the earlier, private name
 
 
 class BadRows:
@@ -310,7 +313,7 @@ def get_rows(name: str, split: str, tokenizer, eval_fraction: float, on_bad_exam
         except DataError as e:
             bad.handle(e)
             continue
-        if (split == 'test') == _is_eval_prompt(pair.prompt, eval_fraction):
+        if (split == 'test') == is_eval_prompt(pair.prompt, eval_fraction):
             pairs.append(pair)
             wheres.append(where)
     bad.report()
@@ -487,6 +490,15 @@ def collate(examples: List[Example], pad_token_id: int) -> Dict:
         batch[f'{kind}_attention_mask'] = _right_pad([[1] * (len(e.prompt_ids) + len(r)) for e, r in zip(examples, responses)], 0)
         batch[f'{kind}_labels'] = _right_pad([[-100] * len(e.prompt_ids) + r for e, r in zip(examples, responses)], -100)
     return batch
+
+
+def n_train_examples(n_available: int, config) -> int:
+    """Examples a run of `config` trains on from `n_available`: whole batches only, as batch_iterator yields
+    them; 0 when there are fewer than one batch (batch_iterator then says so)."""
+    per_epoch = n_available // config.batch_size * config.batch_size
+    limits = [n // config.batch_size * config.batch_size
+              for n in (config.n_examples, config.n_epochs and config.n_epochs * per_epoch) if n]
+    return min(limits, default=0)
 
 
 def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, shuffle: bool = True, seed: int = 0,

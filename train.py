@@ -152,6 +152,8 @@ def check_config(config: DictConfig, world_size: int = 1):
         raise ConfigError(f'stats_impl={config.stats_impl!r}; valid: {", ".join(token_stats.STATS_IMPLS)}')
     if config.pair_layout not in pair_layout.PAIR_LAYOUTS:
         raise ConfigError(f'pair_layout={config.pair_layout!r}; valid: {", ".join(pair_layout.PAIR_LAYOUTS)}')
+    if config.finished_run_keeps not in checkpoints.FINISHED_RUN_KEEPS:
+        raise ConfigError(f'finished_run_keeps={config.finished_run_keeps!r}; valid: {", ".join(checkpoints.FINISHED_RUN_KEEPS)}')
     if config.on_bad_example not in ('error', 'skip'):
         raise ConfigError(f"on_bad_example={config.on_bad_example!r}; valid: error, skip")
     check_lora_config(config.lora, trainer_class)
@@ -367,6 +369,8 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         data = preference_datasets.load_run_data(config, utils.get_local_dir(config.local_dirs), silent=rank != 0)
     except preference_datasets.DataError as e:
         sys.exit(f'data error: {e}')
+    if resume_from and checkpoints.finished_run_kept(resume_from) != 'all':
+        return finished_run_without_optimizer(config, resume_from, len(data.train), rank)
     try:
         policy, reference_model = build_models(config, device_map=device_map)
     except ConfigError as e:
@@ -403,8 +407,28 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
     if not config.debug:
         trainer.save()
         trainer.export_hf()
+        if rank == 0:
+            checkpoints.finish_run(config.local_run_dir, config.finished_run_keeps)
     if rank == 0:
         print(f'run directory: {config.local_run_dir}', flush=True)
+
+
+def finished_run_without_optimizer(config: DictConfig, checkpoint: str, n_available: int, rank: int):
+    """A resumed checkpoint of a run that finished keeping less than all (finished_run_keeps): nothing to do if
+    the run is complete with its hf/ export; else stop with one line (there is no optimizer state to go on)."""
+    kept = checkpoints.finished_run_kept(checkpoint)
+    seen = checkpoints.checkpoint_step(checkpoint, config.trust_checkpoint_code)
+    total = preference_datasets.n_train_examples(n_available, config)
+    exported = os.path.exists(os.path.join(config.local_run_dir, 'hf', 'config.json'))
+    if seen >= total and exported:
+        utils.rank0_print(f'{config.local_run_dir} finished after {seen} examples (finished_run_keeps={kept}): '
+                          f'nothing to do')
+        return
+    what = f'train {total - seen} more examples' if seen < total else 'export it again (hf/ is missing)'
+    sys.exit(f'cannot {what} from {checkpoint}: its run finished with finished_run_keeps={kept}, which kept no '
+             f'optimizer state; start a new run from its weights (model.archive=<a step-N>/policy.pt, or '
+             f'model.name_or_path={config.local_run_dir}/hf) with a new exp_name or local_run_dir'
+             if rank == 0 else 1)
 
 
 @hydra.main(version_base=None, config_path='config', config_name='config')

@@ -511,6 +511,10 @@ class BasicTrainer:
                                  for j, prompt in enumerate(local['prompt'])]
                 samples += utils.all_gather_objects(local_samples, self.data_world_size)  # the whole batch, in order
         mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
+        # each mean's standard error (sample sd / sqrt(n)) and n, so that held-out numbers are read against their noise
+        mean_metrics.update({f'{k}_stderr': float(np.std(v, ddof=1)) / math.sqrt(len(v))
+                             for k, v in all_metrics.items() if len(v) > 1})
+        mean_metrics['counters/eval_examples'] = len(next(iter(all_metrics.values()), []))
         self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
         self.log(mean_metrics, 'eval')
@@ -539,10 +543,7 @@ class BasicTrainer:
 
     def n_train_examples(self) -> int:
         """Examples the run will train on: whole batches only, as batch_iterator yields them."""
-        c = self.config
-        per_epoch = len(self.train_examples) // c.batch_size * c.batch_size
-        limits = [n // c.batch_size * c.batch_size for n in (c.n_examples, c.n_epochs and c.n_epochs * per_epoch) if n]
-        return min(limits, default=0)  # 0: fewer examples than one batch; train_batches says so
+        return preference_datasets.n_train_examples(len(self.train_examples), self.config)
 
     def checkpoint(self, metrics: Optional[Dict] = None):
         """A resumable step-N/ checkpoint; pending training metrics are logged first, so that a resumed

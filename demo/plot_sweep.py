@@ -116,6 +116,8 @@ def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
         ax.plot(xs, ys, color=colors[r['method']], alpha=0.25, linewidth=0.8)
         ax.scatter(xs[-len(r['evals']):], ys[-len(r['evals']):], color=colors[r['method']], marker=markers[r['beta']],
                    label=label, zorder=3)
+        ax.errorbar(xs[-len(r['evals']):], ys[-len(r['evals']):], color=colors[r['method']], fmt='none', alpha=0.5,
+                    xerr=[e.get('kl_stderr') or 0 for e in r['evals']], yerr=[e.get('policy_reward_stderr') or 0 for e in r['evals']])
     for method in dict.fromkeys(r['method'] for r in runs):  # each method's frontier over all its β and checkpoints
         points = [(e['kl'], e['policy_reward']) for r in runs if r['method'] == method for e in r['evals']]
         if reference_reward is not None:
@@ -127,8 +129,9 @@ def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
         ax.scatter([0], [reference_reward], color='black', marker='*', s=120, label='reference (SFT)', zorder=4)
     for beta in betas:  # marker legend entries for β
         ax.scatter([], [], color='white', edgecolors='black', marker=markers[beta], label=f'β={beta:g}')
-    ax.set(xlabel='KL(πθ ‖ π_ref) on policy samples [nats]', ylabel='mean reward of policy samples',
-           title='(a) reward–KL frontier (held-out prompts)')
+    n_samples = sorted({e['n_samples'] for r in runs for e in r['evals'] if 'n_samples' in e})
+    ax.set(xlabel='KL(πθ ‖ π_ref) on policy samples [nats] (± s.e.)', ylabel='mean reward of policy samples (± s.e.)',
+           title=f"(a) reward–KL frontier (held-out prompts, n = {'/'.join(map(str, n_samples)) or '?'} samples)")
     ax.legend(fontsize=7, loc='lower right')
     ax.grid(alpha=0.3)
     panels = [(axes[0, 1], 'kl_train/chosen', '(b) SeqKL of preferred responses', False),
@@ -161,20 +164,21 @@ def table(runs: List[Dict]) -> str:
     """One Markdown row per run: its final checkpoint's reward and KL, and the SeqKLs of its last
     held-out evaluation."""
     fmt = lambda x, spec='.3f': '' if x is None else format(x, spec)
+    held_out = lambda r, key, spec='.2f', f=lambda x: x: '' if _last(r['heldout'], key) is None else (
+        f"{fmt(f(_last(r['heldout'], key)), spec)} ± {fmt(_last(r['heldout'], key + '_stderr'), spec)}")
     lines = ['| method | β | final reward (± s.e.) | KL(πθ‖π_ref) (± s.e.) | halfway reward / KL | SeqKL held-out chosen '
-             '| rejected | \\|margin\\| | held-out pair acc. |',
-             '|---|---|---|---|---|---|---|---|---|']
+             '(± s.e.) | rejected | \\|margin\\| | held-out pair acc. | n held-out |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for r in runs:
         final = r['evals'][-1] if r['evals'] else {}
         half = r['evals'][0] if len(r['evals']) > 1 else {}
-        margin = _last(r['heldout'], 'kl_eval/margin')
         lines.append(' | '.join([
             f"| {r['method']}", f"{r['beta']:g}",
             f"{fmt(final.get('policy_reward'))} ± {fmt(final.get('policy_reward_stderr'), '.2f')}" if final else '',
             f"{fmt(final.get('kl'), '.2f')} ± {fmt(final.get('kl_stderr'), '.2f')}" if final else '',
             f"{fmt(half.get('policy_reward'))} / {fmt(half.get('kl'), '.2f')}" if half else '',
-            fmt(_last(r['heldout'], 'kl_eval/chosen'), '.2f'), fmt(_last(r['heldout'], 'kl_eval/rejected'), '.2f'),
-            fmt(None if margin is None else abs(margin), '.2f'), fmt(_last(r['heldout'], 'rewards_eval/accuracies'), '.2f')])
+            held_out(r, 'kl_eval/chosen'), held_out(r, 'kl_eval/rejected'), held_out(r, 'kl_eval/margin', f=abs),
+            held_out(r, 'rewards_eval/accuracies'), fmt(_last(r['heldout'], 'counters/eval_examples'), 'd')])
             + ' |')
     references = [e['reference_reward'] for r in runs for e in r['evals'] if 'reference_reward' in e]
     if references:

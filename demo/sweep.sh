@@ -61,16 +61,17 @@ if [ -f "$SFT_RUN/hf/config.json" ]; then
     echo "sweep: $SFT_RUN exists; skipping SFT"
 else
     "$PYTHON" -u train.py "${COMMON[@]}" loss=sft exp_name=sweep_sft local_run_dir="$SFT_RUN" batch_size=8 lr=1e-5 \
-        n_epochs=1 n_eval_examples=0 eval_every=1000000
+        n_epochs=1 n_eval_examples=0 eval_every=1000000 finished_run_keeps=weights
 fi
 T[sft]=$(elapsed "$t")
 
-# Disk: each run keeps two checkpoints (weights and AdamW state: 3x the weights) and an hf/ export, about
-# 7x the SFT export's weights; stop now rather than on a full disk halfway (a rerun continues either way).
+# Disk: a finished run keeps its hf/ export and its halfway checkpoint's weights (finished_run_keeps=export:
+# 2x the SFT export's weights); while it trains, its two checkpoints with AdamW state (3x each) and the export
+# add up to 7x. Stop now rather than on a full disk halfway (a rerun continues either way).
 n_runs=$(( $(tr ',' '\n' <<< "$BETAS" | wc -l) * (2 + FDPO + $(tr ',' '\n' <<< "$ALPHAS" | wc -l)) ))
 n_done=$(find "$RUNS" -mindepth 3 -maxdepth 3 -path '*/hf/config.json' ! -path "$SFT_RUN/*" | wc -l)
 weights=$(du -sb "$SFT_RUN"/hf/*.safetensors | awk '{s += $1} END {print s}')
-need=$(( (n_runs - n_done) * 7 * weights ))
+need=$(( n_runs > n_done ? ((n_runs - n_done) * 2 + 5) * weights : 0 ))
 free=$(df -B1 --output=avail "$RUNS" | tail -1)
 if [ "$need" -gt "$free" ] && [ "${FORCE:-0}" != 1 ]; then
     echo "sweep: the $((n_runs - n_done)) runs left need about $((need / 2**30)) GiB, $((free / 2**30)) GiB free in $RUNS:" \
@@ -81,7 +82,7 @@ fi
 echo "=== [3/5] DPO, TDPO1, TDPO2 (alpha in $ALPHAS), f-DPO; beta in $BETAS (Hydra multiruns, $N_PAIRS pairs x $EPOCHS epochs each)"
 t=$(now)
 TRAIN_ARGS=("${COMMON[@]}" batch_size="$BATCH_SIZE" lr="$LR" n_epochs="$EPOCHS" n_eval_examples=64 eval_every="$HALF"
-            model.archive="$SFT_RUN/LATEST/policy.pt")
+            model.archive="$SFT_RUN/LATEST/policy.pt" finished_run_keeps=export)
 multirun() {  # <family name> <run-directory pattern> <overrides...>
     local family=$1 pattern=$2
     shift 2

@@ -29,7 +29,9 @@ def write_run(root, name, loss_yaml, index):
             f.write(json.dumps({'split': 'train', 'step': step, 'kl_train/chosen': 0.1 * step * (index + 1),
                                 'kl_train/rejected': 0.2 * step, 'kl_train/margin': 0.1 * step * (index - 1)}) + '\n')
         f.write(json.dumps({'split': 'eval', 'step': 16, 'kl_eval/chosen': 1.0, 'kl_eval/rejected': 2.0,
-                            'kl_eval/margin': -1.0, 'rewards_eval/accuracies': 0.75}) + '\n')
+                            'kl_eval/margin': -1.0, 'rewards_eval/accuracies': 0.75, 'kl_eval/chosen_stderr': 0.125,
+                            'kl_eval/rejected_stderr': 0.25, 'kl_eval/margin_stderr': 0.0625,
+                            'rewards_eval/accuracies_stderr': 0.1875, 'counters/eval_examples': 12}) + '\n')
     for directory, seen, kl in ((run / 'step-8', 8, 1.0 + index), (run, 16, 2.0 + 2 * index)):
         (directory / 'eval.json').write_text(json.dumps({
             'examples_seen': seen, 'kl': kl, 'kl_stderr': 0.1, 'policy_reward': 0.3 + 0.01 * kl,
@@ -67,6 +69,8 @@ def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path):
 
     table = table_path.read_text()
     assert table.count('\n| ') == 5 and 'TDPO2 (α=0.5) | 0.5' in table and 'sft' not in table
+    # the held-out columns carry their standard errors and n: SeqKL chosen, rejected, |margin|, pair accuracy
+    assert table.count(' | 1.00 ± 0.12 | 2.00 ± 0.25 | 1.00 ± 0.06 | 0.75 ± 0.19 | 12 |') == 5, table
 
 
 def test_plot_sweep_without_runs_says_so(tmp_path):
