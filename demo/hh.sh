@@ -23,10 +23,11 @@ EVAL_DATA=${EVAL_DATA:-}                # held-out pairs; empty = HOLDOUT of DAT
 HOLDOUT=${HOLDOUT:-0.25}                # share of DATA's prompts held out (0.25 of the sample: 453 pairs)
 MODEL=${MODEL:-smollm2-135m}
 METHODS=${METHODS:-dpo,tdpo1,tdpo2}     # of dpo, tdpo1, tdpo2, fdpo (f-DPO, forward KL), ipo
-N_SFT=${N_SFT:-512}                     # SFT examples (chosen responses)
-N_TRAIN=${N_TRAIN:-384}                 # pairs each method trains on (n_examples)
+N_SFT=${N_SFT:-512}                     # SFT examples (chosen responses; all = EPOCHS passes)
+N_TRAIN=${N_TRAIN:-256}                 # pairs each method trains on (n_examples; all = EPOCHS passes)
 EPOCHS=${EPOCHS:-1}                     # at most this many passes over the training part
 BATCH_SIZE=${BATCH_SIZE:-8}
+OPTIMIZER=${OPTIMIZER:-AdamW}
 LR=${LR:-1e-5}                          # AdamW, every method (tuned with VALIDATE=1: see README)
 SFT_LR=${SFT_LR:-1e-5}
 WARMUP=${WARMUP:-4}                     # linear warmup updates
@@ -36,6 +37,7 @@ MAX_LENGTH=${MAX_LENGTH:-512}
 MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-256}
 N_GEN=${N_GEN:-64}                      # held-out prompts sampled per model for the entropy (0 = none)
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-64}
+SCORE_DTYPE=${SCORE_DTYPE:-float32}     # the dtype hh_score.py loads the models in (bfloat16 for large ones)
 SEEDS=${SEEDS:-0}                       # comma-separated; more than one: one $HH_DIR/seed<S>/ each
 VALIDATE=${VALIDATE:-0}
 VALIDATION=${VALIDATION:-0.15}
@@ -70,6 +72,8 @@ else
     DATA_ARGS=(datasets="[$DATA]" eval_fraction="$HOLDOUT")
 fi
 
+examples() { if [ "$1" = all ]; then echo null; else echo "$1"; fi; }  # all = no n_examples limit
+
 method_args() {  # <method> -> the loss overrides
     case $1 in
         dpo) echo "loss=dpo loss.beta=$BETA" ;;
@@ -89,7 +93,7 @@ run_seed() {  # <seed> <output directory>
     # checkpoint every CHECKPOINT_EVERY examples (the newest kept) so that a rerun continues; a finished run
     # keeps no optimizer state: the SFT run its weights (the methods' model.archive), a method its hf/ export.
     local common=(model="$MODEL" seed="$seed" "${DATA_ARGS[@]}" max_length="$MAX_LENGTH"
-                  max_prompt_length="$MAX_PROMPT_LENGTH" optimizer=AdamW warmup_steps="$WARMUP" batch_size="$BATCH_SIZE"
+                  max_prompt_length="$MAX_PROMPT_LENGTH" optimizer="$OPTIMIZER" warmup_steps="$WARMUP" batch_size="$BATCH_SIZE"
                   n_eval_examples=0 sample_during_eval=false wandb.enabled=false resume=true
                   checkpoint_every="$CHECKPOINT_EVERY" keep_checkpoints=1 "${EXTRA_ARGS[@]}")
 
@@ -97,7 +101,7 @@ run_seed() {  # <seed> <output directory>
     local t
     t=$(now)
     "$PYTHON" -u train.py "${common[@]}" loss=sft exp_name=hh_sft local_run_dir="$runs/sft" lr="$SFT_LR" \
-        n_epochs="$EPOCHS" n_examples="$N_SFT" finished_run_keeps=weights
+        n_epochs="$EPOCHS" n_examples="$(examples "$N_SFT")" finished_run_keeps=weights
     T[sft]=$(elapsed "$t")
 
     echo "=== [2/4] $METHODS from the SFT model ($N_TRAIN pairs each, lr $LR, beta $BETA)"
@@ -107,7 +111,7 @@ run_seed() {  # <seed> <output directory>
         local tm
         tm=$(now)
         "$PYTHON" -u train.py "${common[@]}" "${loss_args[@]}" exp_name="hh_$m" local_run_dir="$runs/$m" lr="$LR" \
-            n_epochs="$EPOCHS" n_examples="$N_TRAIN" model.archive="$runs/sft/LATEST/policy.pt" finished_run_keeps=export
+            n_epochs="$EPOCHS" n_examples="$(examples "$N_TRAIN")" model.archive="$runs/sft/LATEST/policy.pt" finished_run_keeps=export
         T[train_$m]=$(elapsed "$tm")
     done
     T[train]=$(elapsed "$t")
@@ -115,7 +119,7 @@ run_seed() {  # <seed> <output directory>
     echo "=== [3/4] score the held-out pairs and sample (sft,$METHODS)"
     t=$(now)
     "$PYTHON" -u demo/hh_score.py --runs "$runs" --out "$out" --models "sft,$METHODS" --n-gen "$N_GEN" \
-        --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" "${SCORE_ARGS[@]}" -- model="$MODEL" "${DATA_ARGS[@]}" \
+        --max-new-tokens "$MAX_NEW_TOKENS" --seed "$seed" --dtype "$SCORE_DTYPE" "${SCORE_ARGS[@]}" -- model="$MODEL" "${DATA_ARGS[@]}" \
         max_length="$MAX_LENGTH" max_prompt_length="$MAX_PROMPT_LENGTH" "${EXTRA_ARGS[@]}"
     T[score]=$(elapsed "$t")
 
@@ -127,9 +131,9 @@ run_seed() {  # <seed> <output directory>
     config=$(printf '{"data": "%s", "eval_data": "%s", "holdout": %s, "validate": %s, "model": "%s", "methods": "%s",
 "n_sft": %s, "n_train": %s, "epochs": %s, "batch_size": %s, "lr": %s, "sft_lr": %s, "warmup_steps": %s, "beta": %s,
 "alpha": %s, "max_length": %s, "max_prompt_length": %s, "n_gen": %s, "max_new_tokens": %s, "seed": %s, "extra": "%s",
-"seconds": {%s}}' "$DATA" "$EVAL_DATA" "$HOLDOUT" "$VALIDATE" "$MODEL" "$METHODS" "$N_SFT" "$N_TRAIN" "$EPOCHS" \
-        "$BATCH_SIZE" "$LR" "$SFT_LR" "$WARMUP" "$BETA" "$ALPHA" "$MAX_LENGTH" "$MAX_PROMPT_LENGTH" "$N_GEN" \
-        "$MAX_NEW_TOKENS" "$seed" "$EXTRA" "$timings")
+"optimizer": "%s", "seconds": {%s}}' "$DATA" "$EVAL_DATA" "$HOLDOUT" "$VALIDATE" "$MODEL" "$METHODS" "$N_SFT" "$N_TRAIN" \
+        "$EPOCHS" "$BATCH_SIZE" "$LR" "$SFT_LR" "$WARMUP" "$BETA" "$ALPHA" "$MAX_LENGTH" "$MAX_PROMPT_LENGTH" "$N_GEN" \
+        "$MAX_NEW_TOKENS" "$seed" "$EXTRA" "$OPTIMIZER" "$timings")
     "$PYTHON" demo/hh_report.py --out "$out" --models "sft,$METHODS" --beta "$BETA" --config "$config"
     echo "hh: stage timings [s]: {$timings}"
 }

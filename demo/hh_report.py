@@ -58,12 +58,14 @@ def paired_difference(a: Sequence[bool], b: Sequence[bool]) -> Tuple[float, floa
     return d, se or 0.0, len(a)
 
 
-def pair_statistics(records: List[Dict], beta: float) -> Dict:
-    """The per-method numbers of hh.json from a method's pair records (demo/hh_score.py)."""
+def pair_statistics(records: List[Dict], beta: float, tdpo: bool) -> Dict:
+    """The per-method numbers of hh.json from a method's pair records (demo/hh_score.py). tdpo: the method's
+    loss is TDPO, whose logged rewards include the SeqKL term."""
     accuracy, se, n = proportion([r['correct'] for r in records])
     logp_accuracy, logp_se, _ = proportion([r['chosen_logp'] > r['rejected_logp'] for r in records])
-    # the reference code's logged rewards_eval/accuracies: TDPO rewards β·(log-ratio + SeqKL)
-    reward = lambda r, side: beta * (r[f'{side}_logp'] - r[f'ref_{side}_logp'] + r[f'seqkl_{side}'])
+    # the reference code's logged rewards_eval/accuracies: TDPO's rewards are β·(log-ratio + SeqKL); those of
+    # DPO, f-DPO and IPO order pairs as the log-ratio does, so there it is `accuracy`
+    reward = lambda r, side: beta * (r[f'{side}_logp'] - r[f'ref_{side}_logp'] + tdpo * r[f'seqkl_{side}'])
     tdpo_accuracy, tdpo_se, _ = proportion([reward(r, 'chosen') > reward(r, 'rejected') for r in records])
     out = {'n': n, 'accuracy': accuracy, 'se': se, 'logp_accuracy': logp_accuracy, 'logp_se': logp_se,
            'tdpo_reward_accuracy': tdpo_accuracy, 'tdpo_reward_se': tdpo_se}
@@ -83,7 +85,7 @@ def summarize(pairs: Dict[str, List[Dict]], samples: Dict[str, List[Dict]], beta
     """hh.json: per method its statistics, the paired differences against DPO, the paper's cells, the config."""
     n = {len(records) for records in pairs.values()}
     assert len(n) == 1, f'the methods were scored on different numbers of pairs: {n}'
-    methods = {name: {**pair_statistics(records, beta), **(sample_statistics(samples[name]) if samples.get(name) else {})}
+    methods = {name: {**pair_statistics(records, beta, name.startswith('tdpo')), **(sample_statistics(samples[name]) if samples.get(name) else {})}
                for name, records in pairs.items()}
     paired = {}
     if BASELINE in pairs:

@@ -188,6 +188,7 @@ def main(argv: Optional[List[str]] = None):
     parser.add_argument('--max-new-tokens', type=int, default=64)
     parser.add_argument('--batch-size', type=int, default=4, help='pairs per forward pass')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--dtype', default='float32', help='of the models (float32, bfloat16)')
     parser.add_argument('--validation-of', type=float, default=None,
                         help='score the validation slice: held-out pairs outside this eval_fraction')
     parser.add_argument('overrides', nargs='*', help='train.py overrides (after --)')
@@ -197,7 +198,7 @@ def main(argv: Optional[List[str]] = None):
     for name, path in model_dirs.items():
         if not os.path.exists(os.path.join(path, 'config.json')):
             raise SystemExit(f'hh_score: {path} is not an exported model: train {name} first')
-    settings = {'overrides': args.overrides, 'validation_of': args.validation_of}
+    settings = {'overrides': args.overrides, 'validation_of': args.validation_of, 'dtype': args.dtype}
     pair_source = {name: {'model': model_fingerprint(model_dirs[name]), 'reference': model_fingerprint(model_dirs[REFERENCE]),
                           **settings} for name in names}
     sample_source = {name: {'model': model_fingerprint(model_dirs[name]), 'n_gen': args.n_gen, 'seed': args.seed,
@@ -216,7 +217,7 @@ def main(argv: Optional[List[str]] = None):
     if not todo_pairs and not (todo_samples and args.n_gen):
         print(f'hh_score: every score in {args.out} is complete', flush=True)
         return
-    loaded = {name: evaluate.load(model_dirs[name])[:2] for name in sorted(set(todo_pairs + todo_samples) | {REFERENCE})}
+    loaded = {name: evaluate.load(model_dirs[name], args.dtype)[:2] for name in sorted(set(todo_pairs + todo_samples) | {REFERENCE})}
     tokenizer = loaded[REFERENCE][1]
     examples = held_out_examples(args.overrides, tokenizer, args.validation_of)
     print(f'hh_score: {len(examples)} held-out pairs; scoring pairs of {todo_pairs or "none"}, samples of '

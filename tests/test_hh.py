@@ -70,12 +70,14 @@ def test_pair_statistics_by_hand():
                rec(-10, -9, -10, -9),              # a tie (0 vs 0): wrong
                rec(-20, -5, -22, -4, 0.0, 30.0),   # margins +2 vs −1: correct; logp wrong; TDPO reward 0.2 vs 2.9
                rec(-8, -7, -7, -8)]                # −1 vs +1: wrong
-    s = hh_report.pair_statistics(records, beta=0.1)
+    s = hh_report.pair_statistics(records, beta=0.1, tdpo=True)
     assert (s['n'], s['accuracy'], s['logp_accuracy']) == (4, 0.5, 0.25)
     assert s['se'] == pytest.approx(math.sqrt(0.25 / 4))
     # TDPO rewards β(log-ratio + SeqKL): pair 1 0.1 > −0.1, pair 2 0 = 0 (wrong), pair 3 0.2 < 2.9, pair 4 wrong
     assert s['tdpo_reward_accuracy'] == 0.25
     assert s['seqkl_rejected'] == pytest.approx(7.5) and s['seqkl_chosen'] == 0
+    # DPO's logged rewards are β·log-ratio: its reward accuracy is the accuracy
+    assert hh_report.pair_statistics(records, beta=0.1, tdpo=False)['tdpo_reward_accuracy'] == 0.5
 
 
 # ---- the recipe end to end ---------------------------------------------------------------------
