@@ -232,3 +232,17 @@ def test_train_py_out_of_memory_stops_with_one_line_and_keeps_checkpoints(tmp_pa
     assert 'Traceback' not in out, out[-4000:]
     assert sorted(d for d in os.listdir(run_dir) if d.startswith(('step-', 'LATEST'))) == ['step-4']
     assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
+
+
+# ---- FSDPTrainer and TensorParallelTrainer -------------------------------------------------------
+
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
+
+
+def test_distributed_exactness(tmp_path):
+    """tests/dist_memory_worker.py: FSDP (full, LoRA) and tensor parallelism, packed and padded, 2 CPU ranks."""
+    write_hh_file(tmp_path / 'pairs.jsonl')
+    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', 'dist_memory_worker.py'), str(tmp_path)], cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.stdout.count('memory ok') == 12, proc.stdout  # 3 trainers x 2 layouts x 2 ranks
