@@ -246,3 +246,25 @@ def test_distributed_exactness(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert proc.stdout.count('memory ok') == 12, proc.stdout  # 3 trainers x 2 layouts x 2 ranks
+
+
+def test_out_of_memory_on_one_rank_under_torchrun_stops_every_rank(tmp_path):
+    """FSDPTrainer, 2 ranks, rank 1 runs out at its 3rd update: it says so in one line; rank 0, waiting for it
+    in a collective, fails there as its peer's connection closes (gloo), so no rank waits; step-8 is intact."""
+    import time
+    run_dir = str(tmp_path / 'run')
+    args = ['model=tiny', f'local_dirs=[{CACHE}]', 'loss=tdpo', 'exp_name=oom', f'local_run_dir={run_dir}',
+            f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]', 'batch_size=4', 'max_length=64',
+            'max_prompt_length=32', 'n_eval_examples=0', 'n_examples=16', 'checkpoint_every=8', 'wandb.enabled=false',
+            'trainer=FSDPTrainer']
+    start = time.time()
+    proc = subprocess.run([*TORCHRUN, INJECT, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS='1', INJECT_OOM='OutOfMemoryError:3:1'))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and time.time() - start < 240, out[-4000:]
+    lines = [line[line.index('CUDA out of memory'):] for line in out.splitlines() if 'out of memory' in line]
+    assert lines == ['CUDA out of memory on rank 1 of 2: set activation_checkpointing=true or lora.r=16 or '
+                     'gradient_accumulation_steps=2 (now 1) at the same batch_size=4; the checkpoints written so far '
+                     f'are kept (newest: {run_dir}/step-8)'], out[-4000:]
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith(('step-', 'LATEST'))) == ['step-8']
+    assert checkpoints.verify(os.path.join(run_dir, 'step-8')) == 8
