@@ -201,6 +201,7 @@ def run_all(args, data_dir):
             while True:
                 r = run_case(args, dict(data=name, length=length, file=path, variant=variant, accumulation=accumulation))
                 results.append(r)
+                write(args, results, complete=False)  # what a time limit (gpu_check.sh) leaves is still read
                 status = ('did not fit' if r.get('did_not_fit') else 'failed' if 'error' in r else
                           f'{r["step_s"]:.1f} s/update, peak {r["peak_bytes"] / 2**30:.2f} GiB')
                 print(f'  {name:10s} {variant:10s} accumulation {accumulation}: {status} ({r.get("seconds", 0):.0f} s)',
@@ -252,10 +253,16 @@ def main():
           f'median of {args.steps} updates after {args.warmup} warm-up, {args.threads} threads; whole-process peak; '
           f'{time.time() - start:.0f} s in all\n')
     print(table(args, results))
+    write(args, results, complete=True)
+    if args.out:
+        print(f'wrote {args.out}')
+
+
+def write(args, results, complete: bool):
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(dict(args={k: v for k, v in vars(args).items() if k != 'worker'}, results=results), f, indent=1)
-        print(f'wrote {args.out}')
+            json.dump(dict(args={k: v for k, v in vars(args).items() if k != 'worker'}, results=results,
+                           complete=complete), f, indent=1)
 
 
 if __name__ == '__main__':
