@@ -187,8 +187,8 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
-    `enable_activation_checkpointing`, `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
-    `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
+    `enable_activation_checkpointing`, `clip_gradient`, `final_hidden_states`, `policy_state_dict`,
+    `generate`, `checkpoint_files`, `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
     a frozen copy, or with LoRA the policy with its adapters disabled.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
