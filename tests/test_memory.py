@@ -119,6 +119,25 @@ def test_checkpointing_changes_no_loss_gradient_or_update(tmp_path, use_lora):
     assert checkpointed.pending_metrics['loss/train'] == pytest.approx(plain.pending_metrics['loss/train'], rel=1e-6)
 
 
+@pytest.mark.parametrize('layout', ['padded', 'packed'])
+def test_sft_with_checkpointing_gives_the_same_gradients(tmp_path, layout):
+    plain = make_trainer(tmp_path / 'plain', loss='sft', pair_layout=layout)
+    checkpointed = make_trainer(tmp_path / 'ckpt', loss='sft', pair_layout=layout, activation_checkpointing=True)
+    calls = count_checkpointed_forwards(checkpointed.policy)
+    batch = next(iter(plain.train_batches()))
+    losses = []
+    for trainer in (plain, checkpointed):
+        assert trainer.pair_layout == layout
+        trainer.policy.train()
+        loss, _ = trainer.get_batch_metrics(batch)
+        loss.backward()
+        losses.append(loss.item())
+    assert len(calls) == plain.policy.config.num_hidden_layers
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for (name, p), q in zip(plain.policy.named_parameters(), checkpointed.policy.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize('use_lora', [False, True])
 def test_evaluation_and_sampling_run_without_checkpointing(tmp_path, use_lora):
     trainer = make_trainer(tmp_path, activation_checkpointing=True, n_eval_examples=4, eval_batch_size=4,
@@ -241,12 +260,12 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 
 
 def test_distributed_exactness(tmp_path):
-    """tests/dist_memory_worker.py: FSDP (full, LoRA) and tensor parallelism, packed and padded, 2 CPU ranks."""
+    """tests/dist_memory_worker.py: FSDP (full, LoRA) and tensor parallelism; packed, padded and shared rows; 2 CPU ranks."""
     write_hh_file(tmp_path / 'pairs.jsonl')
     proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', 'dist_memory_worker.py'), str(tmp_path)], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    assert proc.stdout.count('memory ok') == 12, proc.stdout  # 3 trainers x 2 layouts x 2 ranks
+    assert proc.stdout.count('memory ok') == 18, proc.stdout  # 3 trainers x 3 (layout, stats_impl) x 2 ranks
 
 
 def test_out_of_memory_on_one_rank_under_torchrun_stops_every_rank(tmp_path):
