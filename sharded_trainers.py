@@ -109,8 +109,6 @@ class FSDPTrainer(ShardedTrainer):
     def wrap_models(self, policy, reference_model):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mesh = _device_mesh(self.world_size)
-        if self.config.activation_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         mp_dtype = self.config.model.fsdp_policy_mp
         # compute in mp_dtype, but keep the sharded weights and reduce gradients in full precision
         policy_mp = MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype), reduce_dtype=torch.float32) \

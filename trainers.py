@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import checkpoints
 import lora
+import memory
 import pair_layout
 import preference_datasets
 import token_stats
@@ -186,8 +187,8 @@ class BasicTrainer:
     """Single process: one device, or one model split over all local GPUs (device_map='balanced').
 
     Subclasses change behaviour only through the hooks: `policy_compute_dtype`, `wrap_models`,
-    `clip_gradient`, `final_hidden_states`, `policy_state_dict`, `generate`, `checkpoint_files`,
-    `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
+    `enable_activation_checkpointing`, `clip_gradient`, `final_hidden_states`, `policy_state_dict`,
+    `generate`, `checkpoint_files`, `load_model_state`, and the class attributes below. `reference_forward` is where the reference runs:
     a frozen copy, or with LoRA the policy with its adapters disabled.
     """
     # train.py starts one process per GPU (or torchrun does) for a distributed trainer, else one process
@@ -216,6 +217,7 @@ class BasicTrainer:
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
+        self.enable_activation_checkpointing()
         self.stats_impl = self.choose_stats_impl()
         self.fused_stats_checked = False  # check_fused_stats runs once, on the first preference batch
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # with LoRA: the adapters
@@ -250,6 +252,12 @@ class BasicTrainer:
             if model is not None and not getattr(model, 'hf_device_map', None):
                 model.to(device)
         return policy, reference_model
+
+    def enable_activation_checkpointing(self):
+        """activation_checkpointing=true: the policy's blocks recompute their activations in backward
+        (memory.py); run after wrap_models, on the placed, sharded or parallelized policy."""
+        if self.config.activation_checkpointing:
+            memory.enable_activation_checkpointing(self.policy)
 
     @property
     def device(self):
