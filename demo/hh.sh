@@ -28,7 +28,7 @@ N_TRAIN=${N_TRAIN:-256}                 # pairs each method trains on (n_example
 EPOCHS=${EPOCHS:-1}                     # at most this many passes over the training part
 BATCH_SIZE=${BATCH_SIZE:-8}
 OPTIMIZER=${OPTIMIZER:-AdamW}
-LR=${LR:-1e-5}                          # AdamW, every method (tuned with VALIDATE=1: see README)
+LR=${LR:-2e-5}                          # AdamW, every method (tuned with VALIDATE=1: see demo/README.md)
 SFT_LR=${SFT_LR:-1e-5}
 WARMUP=${WARMUP:-4}                     # linear warmup updates
 BETA=${BETA:-0.1}

@@ -4,7 +4,8 @@ For every held-out pair, and every trained policy and the SFT model it started f
 the summed log-probabilities of the chosen and the rejected response, and the sequential KL
 (Zeng et al. 2024, Eq. 14: Σ_t KL(π_ref(·|x,y<t) ‖ πθ(·|x,y<t))) of the policy from the SFT model on each.
 The pairs are the ones train.py holds out for the same overrides, tokenized and truncated exactly as training
-reads them; the reference runs once per batch for all the policies. Per model, also the diversity measure:
+reads them, laid out as training lays them out (packed rows); the reference runs once per batch for all the
+policies. Per model, also the diversity measure:
 the mean per-token entropy of the model's own samples on the first --n-gen held-out prompts.
 
   python demo/hh_score.py --runs DIR --out DIR --models sft,dpo,tdpo2 [--n-gen 64 --max-new-tokens 64]
@@ -100,25 +101,40 @@ def length_sorted_batches(examples: List, batch_size: int) -> List[List[int]]:
     return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
 
 
+def choose_layout(models: List[torch.nn.Module], vocab_size: int) -> str:
+    """'packed' (train.py's default: each prompt once, rows of about max_length tokens, no padding) if every
+    model takes its masks, else 'padded' (the reference implementation's), saying why."""
+    for model in models:
+        reason = pair_layout.prepare_model(model) or pair_layout.check_model(model, vocab_size)
+        if reason:
+            print(f'hh_score: {reason}; using the padded layout', flush=True)
+            return 'padded'
+    return 'packed'
+
+
 @torch.no_grad()
 def pair_scores(models: Dict[str, torch.nn.Module], reference: torch.nn.Module, examples: List, pad_id: int,
-                batch_size: int) -> Dict[str, List[Dict]]:
+                batch_size: int, layout_name: str, row_tokens: int) -> Dict[str, List[Dict]]:
     """Per model name, one record per example (in order): token ids as read, summed log-probs of chosen and
     rejected under the model and the reference, and the SeqKL of the model from the reference on each.
-    The padded layout (the reference implementation's), one reference forward per batch for all models."""
+    The pairs are laid out as training lays them out (pair_layout: all layouts give the same statistics),
+    and the reference runs once per batch for all models."""
     device = next(reference.parameters()).device
     records = {name: [None] * len(examples) for name in models}
     start, done = time.time(), 0
     for indices in length_sorted_batches(examples, batch_size):
-        batch = preference_datasets.collate([examples[i] for i in indices], pad_id)
-        inputs = pair_layout.concatenated_inputs(batch)
-        ids, mask, labels = (inputs[f'concatenated_{k}'].to(device) for k in ('input_ids', 'attention_mask', 'labels'))
-        reference_logits = reference(input_ids=ids, attention_mask=mask).logits
-        reference_logps = token_stats.chunked_sequence_stats(reference_logits, reference_logits, labels)[2].tolist()
+        batch = utils.move_batch(preference_datasets.collate([examples[i] for i in indices], pad_id), device)
+        layout = pair_layout.arrange(batch, layout_name, row_tokens)
+        rows, targets, seq = pair_layout.response_rows(layout)
+        stats = lambda logits, reference_logits: [s.tolist() for s in token_stats.chunked_row_stats(
+            logits, reference_logits, rows, targets, seq, layout.n_sequences)]
+        reference_logits = reference(**pair_layout.model_inputs(layout, reference)).logits.flatten(0, 1)
+        reference_logps = stats(reference_logits, reference_logits)[2]
         n = len(indices)
         for name, model in models.items():
-            logits = reference_logits if model is reference else model(input_ids=ids, attention_mask=mask).logits
-            _, seq_kl, logps = (s.tolist() for s in token_stats.chunked_sequence_stats(logits, reference_logits, labels))
+            logits = (reference_logits if model is reference
+                      else model(**pair_layout.model_inputs(layout, model)).logits.flatten(0, 1))
+            _, seq_kl, logps = stats(logits, reference_logits)
             for j, i in enumerate(indices):
                 e = examples[i]
                 records[name][i] = {
@@ -170,6 +186,11 @@ def held_out_examples(overrides: List[str], tokenizer, validation_of: Optional[f
     return examples
 
 
+def max_length(overrides: List[str]) -> int:
+    """max_length of the runs (the packed layout's row length), as train.py composes it."""
+    return train.compose_config(['exp_name=hh_score', *overrides]).max_length
+
+
 def distinct_prompts(examples: List, n: int) -> List[List[int]]:
     seen, prompts = set(), []
     for e in examples:
@@ -186,7 +207,7 @@ def main(argv: Optional[List[str]] = None):
     parser.add_argument('--models', required=True, help='comma-separated run names; sft is the reference')
     parser.add_argument('--n-gen', type=int, default=64, help='held-out prompts sampled per model (0: none)')
     parser.add_argument('--max-new-tokens', type=int, default=64)
-    parser.add_argument('--batch-size', type=int, default=4, help='pairs per forward pass')
+    parser.add_argument('--batch-size', type=int, default=8, help='pairs per forward pass')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--dtype', default='float32', help='of the models (float32, bfloat16)')
     parser.add_argument('--validation-of', type=float, default=None,
@@ -223,8 +244,10 @@ def main(argv: Optional[List[str]] = None):
     print(f'hh_score: {len(examples)} held-out pairs; scoring pairs of {todo_pairs or "none"}, samples of '
           f'{todo_samples if args.n_gen else "none"}', flush=True)
     if todo_pairs:
-        records = pair_scores({name: loaded[name][0] for name in todo_pairs}, loaded[REFERENCE][0], examples,
-                              tokenizer.pad_token_id, args.batch_size)
+        models = {name: loaded[name][0] for name in todo_pairs}
+        layout = choose_layout([loaded[REFERENCE][0], *models.values()], len(tokenizer))
+        records = pair_scores(models, loaded[REFERENCE][0], examples, tokenizer.pad_token_id, args.batch_size,
+                              layout, max_length(args.overrides))
         for name in todo_pairs:
             write_verified(pairs_path(name), records[name], pair_source[name])
     if args.n_gen:
