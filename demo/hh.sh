@@ -23,7 +23,7 @@ EVAL_DATA=${EVAL_DATA:-}                # held-out pairs; empty = HOLDOUT of DAT
 HOLDOUT=${HOLDOUT:-0.25}                # share of DATA's prompts held out (0.25 of the sample: 453 pairs)
 MODEL=${MODEL:-smollm2-135m}
 METHODS=${METHODS:-dpo,tdpo1,tdpo2}     # of dpo, tdpo1, tdpo2, fdpo (f-DPO, forward KL), ipo
-N_SFT=${N_SFT:-512}                     # SFT examples (chosen responses; all = EPOCHS passes)
+N_SFT=${N_SFT:-256}                     # SFT examples (chosen responses; all = EPOCHS passes)
 N_TRAIN=${N_TRAIN:-256}                 # pairs each method trains on (n_examples; all = EPOCHS passes)
 EPOCHS=${EPOCHS:-1}                     # at most this many passes over the training part
 BATCH_SIZE=${BATCH_SIZE:-8}
