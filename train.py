@@ -394,12 +394,6 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         sys.exit(f'training stopped: {e}')
     except memory.CheckpointingUnsupported as e:
         sys.exit(f'config error: {e}')
-    except Exception as e:  # out of memory: one line from each rank that ran out; the others fail in a collective
-        if not memory.is_out_of_memory(e):
-            raise
-        data_parallel = world_size if trainer_class.splits_batches else 1
-        sys.exit(memory.out_of_memory_advice(config, e, rank, world_size, data_parallel,
-                                             checkpoints.latest_checkpoint(config.local_run_dir)))
     except trainers.Preempted as e:
         print(e, flush=True)
         # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
@@ -409,6 +403,12 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         if rank == 0:
             requeue_slurm_job()
         sys.exit(PREEMPTED_EXIT_CODE)
+    except Exception as e:  # out of memory (after Preempted, a RuntimeError too): one line from each rank that ran out
+        if not memory.is_out_of_memory(e):
+            raise
+        data_parallel = world_size if trainer_class.splits_batches else 1
+        sys.exit(memory.out_of_memory_advice(config, e, rank, world_size, data_parallel,
+                                             checkpoints.latest_checkpoint(config.local_run_dir)))
     finally:
         import wandb
         if rank == 0 and wandb.run is not None:
