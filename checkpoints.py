@@ -10,6 +10,9 @@ module decides *how* it is written, checked and found, so that a run never loses
 - `load_file` loads with `weights_only=True`: tensors, numbers, strings and containers only. A file
   that needs code to unpickle is refused with one line naming it and `trust_checkpoint_code`.
 - `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
+- `write_manifest` / `manifest_problem`: the same rule for cache entries (the model cache, the demo's and
+  recipes' generated pairs, evaluation results): files first, a manifest of sizes and hashes last, verified
+  on every read, so that no entry is trusted because it exists.
 Never imports trainers.py.
 """
 import contextlib
@@ -231,6 +234,74 @@ def _install(tmp: str, path: str):
     else:
         os.replace(tmp, path)
     _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests of cache entries: files first, a manifest of their sizes and hashes last, verified on read
+# --------------------------------------------------------------------------------------------------
+
+HASHED_WHOLE = 64 * 2**20   # files up to this size are hashed whole; larger ones at SAMPLES evenly spaced blocks
+SAMPLES, SAMPLE_BYTES = 16, 2**20
+
+
+def file_fingerprint(path: str) -> Dict:
+    """{'size', 'sha256'} of a file: the hash of all of it up to HASHED_WHOLE bytes, else ('sampled_sha256') of
+    SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets, first and last included (16 MiB read whatever the
+    size: a truncation, an append or a damaged block there is seen; a change elsewhere in a large file is not)."""
+    import hashlib
+    size, digest = os.path.getsize(path), hashlib.sha256()
+    with open(path, 'rb') as f:
+        if size <= HASHED_WHOLE:
+            for block in iter(lambda: f.read(2**20), b''):
+                digest.update(block)
+            return {'size': size, 'sha256': digest.hexdigest()}
+        for i in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return {'size': size, 'sampled_sha256': digest.hexdigest()}
+
+
+def write_manifest(manifest_path: str, paths: List[str]):
+    """Seal a cache entry: flush `paths` (files, or directories: every file in them) to disk, then write
+    `manifest_path` (atomically, last) with each file's path relative to the manifest's directory and its
+    `file_fingerprint`. Call it after the entry's files are complete; `manifest_problem` verifies it on read."""
+    base, files = os.path.dirname(os.path.abspath(manifest_path)), {}
+    for path in paths:
+        walked = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
+        for file in sorted(walked):
+            _fsync(file)
+            files[os.path.relpath(os.path.abspath(file), base)] = file_fingerprint(file)
+    tmp = f'{manifest_path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump({'files': files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, manifest_path)
+    _fsync(base)
+
+
+def manifest_problem(manifest_path: str) -> Optional[str]:
+    """None if the entry that `write_manifest` sealed is intact: every file it lists exists with its size
+    and hash. Otherwise why not, naming the file, e.g. 'model.safetensors is 1024 bytes, its manifest says
+    538090408' or 'no manifest.json (an interrupted write, or written by an older version)'."""
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    try:
+        with open(manifest_path) as f:
+            files = dict(json.load(f)['files'])
+    except FileNotFoundError:
+        return f'no {os.path.basename(manifest_path)} (an interrupted write, or written by an older version)'
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f'{os.path.basename(manifest_path)} is unreadable ({_first_line(e)})'
+    for name, want in files.items():
+        file = os.path.join(base, name)
+        if not os.path.isfile(file):
+            return f'{name} is missing'
+        have = file_fingerprint(file)
+        if have['size'] != want.get('size'):
+            return f'{name} is {have["size"]} bytes, its manifest says {want.get("size")}'
+        if have != want:
+            return f'{name} has the size its manifest says but other contents (its sha256 differs)'
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import checkpoints
 import lora
 import pair_layout
 import preference_datasets
+import run_identity
 import sharded_trainers
 import token_stats
 import trainers
@@ -260,12 +261,16 @@ def resume_run_dir(config: DictConfig):
 def choose_checkpoint(config: DictConfig) -> Optional[str]:
     """The checkpoint to continue from (None: start from the beginning); the run directory is locked."""
     if config.resume_from:
-        return checkpoints.check_resume_from(os.path.abspath(config.resume_from), config.trust_checkpoint_code)
-    if not config.resume:
+        checkpoint = checkpoints.check_resume_from(os.path.abspath(config.resume_from), config.trust_checkpoint_code)
+    elif not config.resume:
         return None
-    checkpoint = checkpoints.resume_point(config.local_run_dir, config.trust_checkpoint_code)
+    else:
+        checkpoint = checkpoints.resume_point(config.local_run_dir, config.trust_checkpoint_code)
     if checkpoint is None:
         print(f'resume=true: no checkpoint in {config.local_run_dir} yet; starting from the beginning', flush=True)
+        return None
+    run_identity.check_optimizer_state(checkpoint)
+    run_identity.check_resume(config, checkpoint)  # the same run, or changes the user allowed
     return checkpoint
 
 
@@ -303,9 +308,11 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
                 raise ConfigError(f'local_run_dir={config.local_run_dir} {problem}: choose a directory of your own')
             lock = checkpoints.RunDirLock(config.local_run_dir)
             resume_from = choose_checkpoint(config)
+            if resume_from is None:
+                run_identity.record(config)  # what defines this run, for later resumes to compare with
         except ConfigError as e:
             error = f'config error: {e}'
-        except checkpoints.CheckpointError as e:
+        except (checkpoints.CheckpointError, run_identity.RunMismatch) as e:
             error = str(e)
     if dist.is_initialized():
         shared = [config.local_run_dir, resume_from, error]
@@ -326,8 +333,9 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
 
 def remove_if_unused(run_dir: str):
     """Remove a run directory this launch created if the launch failed before it wrote anything of a run
-    (only config.yaml, the lock and wandb's files), so that failed launches leave no empty runs behind."""
-    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {'config.yaml', checkpoints.LOCK_FILE, 'wandb'}:
+    (only config.yaml, run.json, the lock and wandb's files), so that failed launches leave no empty runs behind."""
+    if os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {'config.yaml', run_identity.RECORD, checkpoints.LOCK_FILE,
+                                                                'wandb'}:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
