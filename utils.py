@@ -226,11 +226,14 @@ def looks_like_disk_full(errors: Iterable[BaseException], free: int) -> bool:
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
     Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
-    first converts, the others wait and use its result. The directory appears only complete."""
+    first converts, the others wait and use its result. The directory appears only complete, with a
+    manifest (checkpoints.write_manifest) that every load verifies: a damaged entry is converted again."""
+    import checkpoints
     source = os.path.join(model_config.name_or_path, model_config.gguf_file)
     size = os.path.getsize(source)
     target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{size}')
-    if os.path.exists(os.path.join(target, 'config.json')):
+    manifest = os.path.join(target, checkpoints.MANIFEST)
+    if checkpoints.manifest_problem(manifest) is None:
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(f'{target}.lock', 'a') as lock:
@@ -244,14 +247,21 @@ def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
         else:
             for leftover in glob.glob(glob.escape(target) + '.tmp*'):  # of killed conversions (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
-        if os.path.exists(os.path.join(target, 'config.json')):
-            return target
+        if os.path.lexists(target):
+            problem = checkpoints.manifest_problem(manifest)
+            if problem is None:
+                return target  # another process converted it while this one waited
+            print(f'model cache {target} is damaged ({problem}); converting {source} again', flush=True)
+            damaged = f'{target}.tmp-damaged{os.getpid()}'  # removed with the other leftovers if this is killed
+            os.replace(target, damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
         _convert_gguf(model_config, source, target)
     return target
 
 
 def _convert_gguf(model_config: DictConfig, source: str, target: str):
     import transformers
+    import checkpoints
     print(f'converting {source} to safetensors in {target} (once; later loads take a second)', flush=True)
     kwargs = dict(gguf_file=model_config.gguf_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
@@ -266,6 +276,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        checkpoints.write_manifest(os.path.join(tmp, checkpoints.MANIFEST), [tmp])
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
@@ -279,7 +290,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         os.rename(tmp, target)
     except OSError:  # another process (without a working lock) finished first: use its copy
-        if not os.path.exists(os.path.join(target, 'config.json')):
+        if checkpoints.manifest_problem(os.path.join(target, checkpoints.MANIFEST)) is not None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 
