@@ -269,6 +269,8 @@ def write_manifest(manifest_path: str, paths: List[str]):
     for path in paths:
         walked = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
         for file in sorted(walked):
+            if os.path.abspath(file) == os.path.abspath(manifest_path):
+                continue  # the previous manifest of an entry written again
             _fsync(file)
             files[os.path.relpath(os.path.abspath(file), base)] = file_fingerprint(file)
     tmp = f'{manifest_path}.tmp-{os.getpid()}'
@@ -612,3 +614,13 @@ def load_sharded(checkpoint_dir: str, state: Dict, trust: bool = False):
         if unsafe:
             raise unsafe[0] from None
         raise CheckpointError(f'{directory}: cannot be read ({_first_line(list(_causes(e))[-1])})') from None
+
+
+if __name__ == '__main__':  # for shell recipes: `python checkpoints.py verify MANIFEST`: exit 0 if the entry is intact
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != 'verify':
+        sys.exit('usage: python checkpoints.py verify MANIFEST (exit 0: the entry it seals is intact)')
+    damage = manifest_problem(sys.argv[2])
+    if damage is not None and os.path.isdir(os.path.dirname(os.path.abspath(sys.argv[2]))):
+        print(f'{os.path.dirname(os.path.abspath(sys.argv[2]))} is damaged ({damage})', flush=True)
+    sys.exit(0 if damage is None else 1)

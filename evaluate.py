@@ -350,6 +350,24 @@ def evaluate(config: DictConfig) -> Dict:
     return result
 
 
+def result_manifest(out: str) -> str:
+    """The manifest that seals an evaluation result (checkpoints.write_manifest), beside it."""
+    return out + '.manifest.json'
+
+
+def evaluated(out: str) -> bool:
+    """Whether `out` holds an intact evaluation result (its manifest verifies); a damaged one is named in
+    one line (and evaluated again by the caller)."""
+    if not os.path.exists(out):
+        return False
+    problem = checkpoints.manifest_problem(result_manifest(out))
+    if problem is not None:
+        print(f'evaluate: {out} is damaged ({problem}); evaluating again', flush=True)
+        return False
+    print(f'evaluate: {out} exists and verifies; skipping (skip_evaluated=true)', flush=True)
+    return True
+
+
 @hydra.main(version_base=None, config_path='config', config_name='evaluate')
 def main(config: DictConfig):
     missing = [key for key in ('policy', 'reference', 'prompts') if OmegaConf.is_missing(config, key)]
@@ -359,6 +377,8 @@ def main(config: DictConfig):
         raise SystemExit(f'config error: reward={config.reward!r}; valid: {", ".join(REWARDS)}')
     try:
         out = config.out or default_out(*resolve_model_path(config.policy))
+        if config.skip_evaluated and evaluated(out):
+            return
         resolve_model_path(config.reference)
         result = evaluate(config)
     except (ValueError, FileNotFoundError, checkpoints.CheckpointError, utils.DiskFullError) as e:
@@ -367,6 +387,7 @@ def main(config: DictConfig):
     with open(out + '.tmp', 'w') as f:
         json.dump(result, f, indent=1)
     os.replace(out + '.tmp', out)
+    checkpoints.write_manifest(result_manifest(out), [out])
     print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
     print(f'wrote {out}', flush=True)
 

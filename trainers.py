@@ -356,6 +356,7 @@ class BasicTrainer:
         else:
             self.policy.save_pretrained(output_dir, state_dict=state)
             self.tokenizer.save_pretrained(output_dir)
+        checkpoints.write_manifest(os.path.join(output_dir, checkpoints.MANIFEST), [output_dir])  # last: complete
         utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
     # ---- forward and metrics -------------------------------------------------------------------

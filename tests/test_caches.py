@@ -76,3 +76,67 @@ def test_model_cache_rebuilds_a_truncated_or_corrupted_entry(tmp_path, capsys):
     rebuilt, original = load_file(weights), load_file(os.path.join(entry, 'model.safetensors'))
     assert rebuilt.keys() == original.keys() and all((rebuilt[k] == original[k]).all() for k in original)
     assert not [n for n in os.listdir(os.path.dirname(copy)) if '.tmp' in n], 'leftovers of the rebuild'
+
+
+def script(*args):
+    proc = subprocess.run([sys.executable, '-u', *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and 'Traceback' not in out, out[-4000:]
+    return out
+
+
+def test_demo_pairs_are_rebuilt_when_truncated_or_corrupted(tmp_path):
+    out = str(tmp_path / 'demo' / 'pairs.jsonl')
+    build = ['demo/sentiment.py', 'build', '--out', out, '--n-prompts', '3', '--n-test-prompts', '1',
+             '--max-new-tokens', '6', '--min-gap', '-1', '--model', 'tiny', '--batch-size', '8']
+    script(*build)
+    test_out, first = out[:-len('.jsonl')] + '_test.jsonl', open(out).read()
+    assert 'skipping' in script(*build)
+    size = truncate(out)
+    log = script(*build)
+    assert f'build: the cached pairs {out} are damaged (pairs.jsonl is {size // 2} bytes, its manifest says {size}); ' \
+           f'building them again' in log, log[-3000:]
+    assert open(out).read() == first  # seeded: the same pairs again
+    corrupt_tail(test_out, n=4)
+    log = script(*build)
+    assert 'pairs_test.jsonl has the size its manifest says but other contents' in log, log[-3000:]
+    assert 'skipping' in script(*build)
+
+
+def test_evaluation_result_is_verified_before_a_rerun_skips_it(tmp_path):
+    from helpers import write_hh_file
+    pairs, out = write_hh_file(tmp_path / 'pairs.jsonl', n=3), str(tmp_path / 'eval.json')
+    args = ['evaluate.py', 'policy=model:tiny', 'reference=model:tiny', f'prompts={pairs}', f'out={out}',
+            'samples_per_prompt=1', 'max_new_tokens=4', 'skip_evaluated=true']
+    script(*args)
+    first = json.load(open(out))
+    assert f'evaluate: {out} exists and verifies; skipping' in script(*args)
+    size = truncate(out)
+    log = script(*args)
+    assert f'evaluate: {out} is damaged (eval.json is {size // 2} bytes, its manifest says {size}); evaluating ' \
+           f'again' in log, log[-3000:]
+    again = json.load(open(out))
+    assert {k: v for k, v in again.items() if k != 'seconds'} == {k: v for k, v in first.items() if k != 'seconds'}
+    corrupt_tail(out, n=2)
+    assert 'eval.json has the size its manifest says but other contents' in script(*args)
+    assert 'exists and verifies; skipping' in script(*args)
+
+
+def test_verify_command_for_shell_recipes(tmp_path):
+    """`python checkpoints.py verify MANIFEST` (demo/sweep.sh skips SFT when the run's hf/ export verifies)."""
+    entry = tmp_path / 'hf'
+    entry.mkdir()
+    (entry / 'config.json').write_text('{"a": 1}')
+    checkpoints.write_manifest(str(entry / 'manifest.json'), [str(entry)])
+    checkpoints.write_manifest(str(entry / 'manifest.json'), [str(entry)])  # sealed again: lists not itself
+    verify = lambda path: subprocess.run([sys.executable, 'checkpoints.py', 'verify', path], cwd=ROOT,
+                                         capture_output=True, text=True)
+    proc = verify(str(entry / 'manifest.json'))
+    assert proc.returncode == 0 and proc.stdout == '', proc.stdout + proc.stderr
+    (entry / 'config.json').write_text('{"a": 2}')
+    proc = verify(str(entry / 'manifest.json'))
+    assert proc.returncode == 1 and proc.stdout == f'{entry} is damaged (config.json has the size its manifest says ' \
+                                                    f'but other contents (its sha256 differs))\n', proc.stdout
+    proc = verify(str(tmp_path / 'absent' / 'manifest.json'))
+    assert proc.returncode == 1 and proc.stdout == ''

@@ -42,6 +42,7 @@ def test_resume_refuses_changed_config_and_data_and_continues_on_purpose(tmp_pat
     train(*args)
     record = os.path.join(run_dir, run_identity.RECORD)
     recorded = open(record).read()
+    assert checkpoints.manifest_problem(os.path.join(run_dir, 'hf', checkpoints.MANIFEST)) is None  # the export, sealed
 
     line = refusal(train(*args, 'loss.beta=0.5', expect=1))
     assert 'loss.beta 0.1 -> 0.5' in line and 'resume_allow_changes=[loss.beta]' in line, line
