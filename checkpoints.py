@@ -125,7 +125,7 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
     with _atomic_directory(path, step, rank, world_size) as tmp:
         if sharded is not None:
             import torch.distributed.checkpoint as dcp
-            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED))
+            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=utils.slow_group())
         if rank == 0:
             for name, state in files.items():
                 torch.save({'step_idx': step, 'state': state, 'metrics': metrics or {}}, os.path.join(tmp, name))
@@ -133,10 +133,11 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
 
 
 def _gather(value, world_size: int) -> list:
+    """Every rank's value; bounded by slow_phase_timeout_s, as ranks wait here while rank 0 writes."""
     if world_size == 1:
         return [value]
     values = [None] * world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=utils.slow_group())
     return values
 
 
@@ -161,6 +162,8 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         if rank == 0:
             _write_manifest(tmp, step)
     except (Exception, CheckpointException) as e:  # not KeyboardInterrupt: like a kill, it leaves the partial directory
+        if utils.collective_failure(e) is not None:
+            raise  # a rank stopped answering: no rank can agree on cleaning up; `<path>.tmp-<pid>` stays, unused
         error = e
     messages = _gather(error and _first_line(list(_causes(error))[-1]), world_size)
     failures = [(r, message) for r, message in enumerate(messages) if message]

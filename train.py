@@ -316,7 +316,7 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
             error = str(e)
     if dist.is_initialized():
         shared = [config.local_run_dir, resume_from, error]
-        dist.broadcast_object_list(shared, src=0)
+        dist.broadcast_object_list(shared, src=0, group=utils.slow_group())  # rank 0 verified checkpoints meanwhile
         config.local_run_dir, resume_from, error = shared
     if error:
         sys.exit(error if rank == 0 else 1)
@@ -345,7 +345,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     utils.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
-        utils.init_distributed(rank, world_size)
+        utils.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
     resume_from, lock, created = open_run_dir(config, rank)
     finished = False
     try:
@@ -357,6 +357,11 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         sys.exit(f'disk full: {e}; the checkpoints written so far are intact' if rank == 0 else 1)
+    except Exception as e:  # a rank that stops answering: one line from each rank that waited for it
+        line = utils.collective_failure_line(e, rank, config.collective_timeout_s)
+        if line is None:
+            raise
+        sys.exit(line)
     finally:
         if lock is not None:
             lock.release()
@@ -383,6 +388,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         if resume_from and rank == 0 else None
     if rank == 0:
         init_wandb(config, run_id)
+    utils.wait_for_all_ranks()  # ranks that loaded fast wait for one that tokenized or converted (slow_phase_timeout_s)
     try:
         trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
                                 reference_model=reference_model, rank=rank, world_size=world_size, data=data)
