@@ -174,7 +174,7 @@ def test_resume_finds_the_checkpoint_of_a_set_local_run_dir_with_interpolations(
     import train
     from helpers import compose_config
     run_dir = tmp_path / 'runs' / 'dpo_beta0.5'
-    checkpoints.save(str(run_dir / 'step-8'), 8, {}, {'example_counter': 8})
+    checkpoints.save(str(run_dir / 'step-8'), 8, {'optimizer.pt': {}}, {'example_counter': 8})
     base = ['exp_name=never_used', 'loss=dpo', 'loss.beta=0.5', 'resume=true', f'local_dirs=[{tmp_path / "scratch"}]']
     config = compose_config(base + [f"local_run_dir='{tmp_path}/runs/dpo_beta${{loss.beta}}'"])
     train.resume_run_dir(config)
