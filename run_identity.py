@@ -142,12 +142,14 @@ def check_resume(config: DictConfig, checkpoint: str):
     changes, notes = differences(old, describe(config))
     allowed = list(config.get('resume_allow_changes') or [])
     refused = [what for key, what in changes if not _matches(key, SAFE_KEYS) and not _matches(key, allowed)]
-    how = 'resume_from=' if config.resume_from else 'resume=true'
+    how, apart = ((f'resume_from={config.resume_from}', f'start a new run without resume_from= (model.archive='
+                   f'{os.path.join(checkpoint, "policy.pt")} starts it from those weights)') if config.resume_from else
+                  ('resume=true', 'start a new run with a new exp_name or local_run_dir'))
     if refused:
         keys = sorted({key for key, what in changes if what in refused})
         raise RunMismatch(f'{how}: this launch differs from the run in {run_dir} (recorded in {RECORD}): '
                           f'{"; ".join(refused)}. To continue that run anyway, add resume_allow_changes=[{",".join(keys)}]; '
-                          f'to keep it apart, start a new run with a new exp_name or local_run_dir')
+                          f'to keep it apart, {apart}')
     for note in notes:
         print(note, flush=True)
     for key, what in changes:
