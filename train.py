@@ -358,7 +358,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
             raise
         sys.exit(f'disk full: {e}; the checkpoints written so far are intact' if rank == 0 else 1)
     except Exception as e:  # a rank that stops answering: one line from each rank that waited for it
-        line = utils.collective_failure_line(e, rank, config.collective_timeout_s)
+        line = utils.collective_failure_line(e, rank, config.collective_timeout_s, config.slow_phase_timeout_s)
         if line is None:
             raise
         sys.exit(line)

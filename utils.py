@@ -180,7 +180,7 @@ def _collective_site(error: BaseException) -> str:
     return name + (f' ({os.path.basename(ours[-1].filename)}:{ours[-1].lineno} {ours[-1].name})' if ours else '')
 
 
-def collective_failure_line(error: BaseException, rank: int, timeout_s: float) -> Optional[str]:
+def collective_failure_line(error: BaseException, rank: int, timeout_s: float, slow_timeout_s: float) -> Optional[str]:
     """One line for a collective that failed because another rank stopped answering (None for other errors):
     which collective, the backend's words, and the silent rank where a monitored barrier on the other ranks
     names it (rank 0 learns it; a bounded wait of at most 60 s)."""
@@ -195,8 +195,8 @@ def collective_failure_line(error: BaseException, rank: int, timeout_s: float) -
         silent = f'; {str(e).strip().splitlines()[0]}'
     backend = str(failure).strip().splitlines()[0][:200]
     return (f'rank {rank}: collective {_collective_site(failure)} failed: another rank stopped answering ({backend}'
-            f'{silent}); collective_timeout_s={timeout_s:g}. The checkpoints written so far are intact: rerun with '
-            f'resume=true to continue from the last complete one')
+            f'{silent}; collective_timeout_s={timeout_s:g}, slow_phase_timeout_s={slow_timeout_s:g}). The checkpoints '
+            f'written so far are intact: rerun with resume=true to continue from the last complete one')
 
 
 def get_open_port() -> int:
