@@ -124,15 +124,16 @@ def record(config: DictConfig, history: Optional[List] = None):
     os.replace(path + '.tmp', path)
 
 
-def check_resume(config: DictConfig, checkpoint: str):
+def check_resume(config: DictConfig, checkpoint: str) -> List[str]:
     """Before continuing `checkpoint` in config.local_run_dir: compare this launch with run.json (see the
-    module docstring); raise RunMismatch, or log what changed and update the record. A run recorded by
-    an older version (no run.json) is recorded now."""
+    module docstring); raise RunMismatch, or log what changed, update the record and return the changed
+    keys. A run recorded by an older version (no run.json) is recorded now."""
     run_dir, path = config.local_run_dir, os.path.join(config.local_run_dir, RECORD)
     if not os.path.exists(path):
         print(f'resume: {run_dir} has no {RECORD} (a run of an older version); recording this launch\'s settings',
               flush=True)
-        return record(config)
+        record(config)
+        return []
     try:
         with open(path) as f:
             old = json.load(f)
@@ -159,6 +160,7 @@ def check_resume(config: DictConfig, checkpoint: str):
         history = old.get('changes', []) + ([{'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'checkpoint': checkpoint,
                                               'changes': [what for _, what in changes]}] if changes else [])
         record(config, history)
+    return [key for key, _ in changes]
 
 
 def optimizer_state_kept(checkpoint: str) -> bool:
@@ -171,9 +173,15 @@ def optimizer_state_kept(checkpoint: str) -> bool:
     return any(key.startswith('optimizer.') for key in checkpoints._read_metadata(metadata).state_dict_metadata)
 
 
-def check_optimizer_state(checkpoint: str):
-    """A checkpoint to continue must hold optimizer state (a finished run may have kept only its weights)."""
-    if not optimizer_state_kept(checkpoint):
+LENGTH_KEYS = ('n_epochs', 'n_examples')  # what extends a finished run
+
+
+def check_optimizer_state(checkpoint: str, changed: List[str]):
+    """A checkpoint to train on from must hold optimizer state (a finished run may have kept only its
+    weights). Exempt: the final LATEST/ of a finished run resumed with the same length (`changed`: the
+    keys check_resume found changed), where there is nothing more to train."""
+    extending = any(_matches(key, LENGTH_KEYS) for key in changed)
+    if not optimizer_state_kept(checkpoint) and (extending or os.path.basename(checkpoint) != 'LATEST'):
         raise RunMismatch(f'cannot continue {checkpoint}: it holds no optimizer state (the run kept only its weights '
                           f'when it finished). Start a new run from those weights instead: a new exp_name with '
                           f'model.archive={os.path.join(checkpoint, "policy.pt")}')

@@ -269,8 +269,8 @@ def choose_checkpoint(config: DictConfig) -> Optional[str]:
     if checkpoint is None:
         print(f'resume=true: no checkpoint in {config.local_run_dir} yet; starting from the beginning', flush=True)
         return None
-    run_identity.check_optimizer_state(checkpoint)
-    run_identity.check_resume(config, checkpoint)  # the same run, or changes the user allowed
+    changed = run_identity.check_resume(config, checkpoint)  # the same run, or changes the user allowed
+    run_identity.check_optimizer_state(checkpoint, changed)
     return checkpoint
 
 

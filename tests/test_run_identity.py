@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 import checkpoints
 import run_identity
 from helpers import CACHE, ROOT, write_hh_file
@@ -108,6 +110,13 @@ def test_optimizer_state_of_sharded_and_plain_checkpoints(tmp_path):
     weights_only = str(tmp_path / 'weights')
     checkpoints.save(weights_only, 4, {'policy.pt': {}}, {'example_counter': 4})
     assert not run_identity.optimizer_state_kept(weights_only)
+    with pytest.raises(run_identity.RunMismatch, match='holds no optimizer state'):
+        run_identity.check_optimizer_state(weights_only, [])  # a step-N/ (not the final LATEST/): training goes on
+    latest = str(tmp_path / 'LATEST')
+    checkpoints.save(latest, 4, {'policy.pt': {}}, {'example_counter': 4})
+    run_identity.check_optimizer_state(latest, [])  # a finished run resumed as it was: nothing to train
+    with pytest.raises(run_identity.RunMismatch, match='holds no optimizer state'):
+        run_identity.check_optimizer_state(latest, ['n_examples'])  # extended
     # sharded/ (torch.distributed.checkpoint, one process): with and without the optimizer's entries
     weights = {'w': torch.ones(3)}
     with_optimizer = str(tmp_path / 'sharded_full')
