@@ -9,7 +9,11 @@ module decides *how* it is written, checked and found, so that a run never loses
   why, and recover a checkpoint left under a temporary name by a save killed between its renames.
 - `load_file` loads with `weights_only=True`: tensors, numbers, strings and containers only. A file
   that needs code to unpickle is refused with one line naming it and `trust_checkpoint_code`.
+- `export_hf` writes the policy in Hugging Face format at the end of a run, its manifest last.
 - `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
+- `write_manifest` / `manifest_problem`: the same rule for cache entries (the model cache, the demo's and
+  recipes' generated pairs, evaluation results): files first, a manifest of sizes and hashes last, verified
+  on every read, so that no entry is trusted because it exists.
 Never imports trainers.py.
 """
 import contextlib
@@ -31,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: torch.distributed.checkpoint's
 
+import lora
 import utils
 
 TRAINING_STATE = 'training_state.pt'  # counters, RNG states, wandb run id: what resuming needs besides weights
@@ -122,7 +127,7 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
     with _atomic_directory(path, step, rank, world_size) as tmp:
         if sharded is not None:
             import torch.distributed.checkpoint as dcp
-            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED))
+            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=utils.slow_group())
         if rank == 0:
             for name, state in files.items():
                 torch.save({'step_idx': step, 'state': state, 'metrics': metrics or {}}, os.path.join(tmp, name))
@@ -130,10 +135,11 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
 
 
 def _gather(value, world_size: int) -> list:
+    """Every rank's value; bounded by slow_phase_timeout_s, as ranks wait here while rank 0 writes."""
     if world_size == 1:
         return [value]
     values = [None] * world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=utils.slow_group())
     return values
 
 
@@ -158,6 +164,8 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         if rank == 0:
             _write_manifest(tmp, step)
     except (Exception, CheckpointException) as e:  # not KeyboardInterrupt: like a kill, it leaves the partial directory
+        if utils.collective_failure(e) is not None:
+            raise  # a rank stopped answering: no rank can agree on cleaning up; `<path>.tmp-<pid>` stays, unused
         error = e
     messages = _gather(error and _first_line(list(_causes(error))[-1]), world_size)
     failures = [(r, message) for r, message in enumerate(messages) if message]
@@ -231,6 +239,76 @@ def _install(tmp: str, path: str):
     else:
         os.replace(tmp, path)
     _fsync(os.path.dirname(os.path.abspath(path)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests of cache entries: files first, a manifest of their sizes and hashes last, verified on read
+# --------------------------------------------------------------------------------------------------
+
+HASHED_WHOLE = 64 * 2**20   # files up to this size are hashed whole; larger ones at SAMPLES evenly spaced blocks
+SAMPLES, SAMPLE_BYTES = 16, 2**20
+
+
+def file_fingerprint(path: str) -> Dict:
+    """{'size', 'sha256'} of a file: the hash of all of it up to HASHED_WHOLE bytes, else ('sampled_sha256') of
+    SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets, first and last included (16 MiB read whatever the
+    size: a truncation, an append or a damaged block there is seen; a change elsewhere in a large file is not)."""
+    import hashlib
+    size, digest = os.path.getsize(path), hashlib.sha256()
+    with open(path, 'rb') as f:
+        if size <= HASHED_WHOLE:
+            for block in iter(lambda: f.read(2**20), b''):
+                digest.update(block)
+            return {'size': size, 'sha256': digest.hexdigest()}
+        for i in range(SAMPLES):
+            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
+            digest.update(f.read(SAMPLE_BYTES))
+    return {'size': size, 'sampled_sha256': digest.hexdigest()}
+
+
+def write_manifest(manifest_path: str, paths: List[str]):
+    """Seal a cache entry: flush `paths` (files, or directories: every file in them) to disk, then write
+    `manifest_path` (atomically, last) with each file's path relative to the manifest's directory and its
+    `file_fingerprint`. Call it after the entry's files are complete; `manifest_problem` verifies it on read."""
+    base, files = os.path.dirname(os.path.abspath(manifest_path)), {}
+    for path in paths:
+        walked = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
+        for file in sorted(walked):
+            if os.path.abspath(file) == os.path.abspath(manifest_path):
+                continue  # the previous manifest of an entry written again
+            _fsync(file)
+            files[os.path.relpath(os.path.abspath(file), base)] = file_fingerprint(file)
+    tmp = f'{manifest_path}.tmp-{os.getpid()}'
+    with open(tmp, 'w') as f:
+        json.dump({'files': files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, manifest_path)
+    _fsync(base)
+
+
+def manifest_problem(manifest_path: str) -> Optional[str]:
+    """None if the entry that `write_manifest` sealed is intact: every file it lists exists with its size
+    and hash. Otherwise why not, naming the file, e.g. 'model.safetensors is 1024 bytes, its manifest says
+    538090408' or 'no manifest.json (an interrupted write, or written by an older version)'."""
+    base = os.path.dirname(os.path.abspath(manifest_path))
+    try:
+        with open(manifest_path) as f:
+            files = dict(json.load(f)['files'])
+    except FileNotFoundError:
+        return f'no {os.path.basename(manifest_path)} (an interrupted write, or written by an older version)'
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f'{os.path.basename(manifest_path)} is unreadable ({_first_line(e)})'
+    for name, want in files.items():  # sizes first: cheap
+        file = os.path.join(base, name)
+        if not os.path.isfile(file):
+            return f'{name} is missing'
+        if os.path.getsize(file) != want.get('size'):
+            return f'{name} is {os.path.getsize(file)} bytes, its manifest says {want.get("size")}'
+    for name, want in files.items():
+        if file_fingerprint(os.path.join(base, name)) != want:
+            return f'{name} has the size its manifest says but other contents (its sha256 differs)'
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,6 +534,20 @@ def finish_run(run_dir: str, keeps: str):
         shutil.rmtree(os.path.join(directory, SHARDED), ignore_errors=True)
 
 
+def export_hf(policy, full_state: Dict, tokenizer, run_dir: str, output_dir: str):
+    """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer in
+    output_dir; with LoRA the adapter merged into it, and the adapter alone in <run dir>/adapter (lora.export).
+    full_state: the policy's whole state dict (gathered, on a sharded policy). The manifest is written last."""
+    if lora.is_lora(policy):
+        adapter_dir, _ = lora.export(policy, full_state, run_dir, tokenizer, output_dir)
+        utils.rank0_print(f'exported the LoRA adapter to {adapter_dir}')
+    else:
+        policy.save_pretrained(output_dir, state_dict=full_state)
+        tokenizer.save_pretrained(output_dir)
+    write_manifest(os.path.join(output_dir, MANIFEST), [output_dir])  # last: complete
+    utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+
+
 # --------------------------------------------------------------------------------------------------
 # RNG state, stored as tensors, lists and numbers (they load with weights_only=True)
 # --------------------------------------------------------------------------------------------------
@@ -591,3 +683,13 @@ def load_sharded(checkpoint_dir: str, state: Dict, trust: bool = False):
         if unsafe:
             raise unsafe[0] from None
         raise CheckpointError(f'{directory}: cannot be read ({_first_line(list(_causes(e))[-1])})') from None
+
+
+if __name__ == '__main__':  # for shell recipes: `python checkpoints.py verify MANIFEST`: exit 0 if the entry is intact
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != 'verify':
+        sys.exit('usage: python checkpoints.py verify MANIFEST (exit 0: the entry it seals is intact)')
+    damage = manifest_problem(sys.argv[2])
+    if damage is not None and os.path.isdir(os.path.dirname(os.path.abspath(sys.argv[2]))):
+        print(f'{os.path.dirname(os.path.abspath(sys.argv[2]))} is damaged ({damage})', flush=True)
+    sys.exit(0 if damage is None else 1)

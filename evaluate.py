@@ -20,13 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
 import lora
+import losses
 import preference_datasets
+import run_config  # noqa: F401 (registers the config resolvers)
 import sharded_trainers
-import trainers
 import utils
-
-OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
-OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
 
 KL_BATCH_SIZE = 8  # sequences per teacher-forced pass: bounds the (B, T, V) float32 log-softmax tensors
 
@@ -104,7 +102,7 @@ def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: L
       log_ratio = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t); its mean over samples is the
                   Monte-Carlo estimate of KL(πθ ‖ π_ref) over whole responses
       seq_kl    = Σ_t KL(πθ(·|x,y_<t) ‖ π_ref(·|x,y_<t)) over the vocabulary (same expectation, lower variance)
-    Both from the trainer's `_tdpo_get_batch_logps` with the models' roles swapped: its margin is then
+    Both from losses.tdpo_get_batch_logps with the models' roles swapped: its margin is then
     Σ_t log π_ref − log πθ and its SeqKL is KL(πθ ‖ π_ref)."""
     device = next(policy.parameters()).device
     out = {'log_ratio': [], 'seq_kl': []}
@@ -112,7 +110,7 @@ def kl_estimates(policy, reference, prompt_ids: List[List[int]], response_ids: L
         ids, attention, response = _right_padded(prompt_ids[b:b + batch_size], response_ids[b:b + batch_size], pad_id)
         ids, attention = ids.to(device), attention.to(device)
         labels = ids.masked_fill(~response.to(device), -100)
-        reference_minus_policy, seq_kl, _ = trainers._tdpo_get_batch_logps(
+        reference_minus_policy, seq_kl, _ = losses.tdpo_get_batch_logps(
             reference(ids, attention_mask=attention).logits, policy(ids, attention_mask=attention).logits, labels)
         out['log_ratio'] += (-reference_minus_policy).tolist()
         out['seq_kl'] += seq_kl.tolist()
@@ -350,6 +348,24 @@ def evaluate(config: DictConfig) -> Dict:
     return result
 
 
+def result_manifest(out: str) -> str:
+    """The manifest that seals an evaluation result (checkpoints.write_manifest), beside it."""
+    return out + '.manifest.json'
+
+
+def evaluated(out: str) -> bool:
+    """Whether `out` holds an intact evaluation result (its manifest verifies); a damaged one is named in
+    one line (and evaluated again by the caller)."""
+    if not os.path.exists(out):
+        return False
+    problem = checkpoints.manifest_problem(result_manifest(out))
+    if problem is not None:
+        print(f'evaluate: {out} is damaged ({problem}); evaluating again', flush=True)
+        return False
+    print(f'evaluate: {out} exists and verifies; skipping (skip_evaluated=true)', flush=True)
+    return True
+
+
 @hydra.main(version_base=None, config_path='config', config_name='evaluate')
 def main(config: DictConfig):
     missing = [key for key in ('policy', 'reference', 'prompts') if OmegaConf.is_missing(config, key)]
@@ -359,6 +375,8 @@ def main(config: DictConfig):
         raise SystemExit(f'config error: reward={config.reward!r}; valid: {", ".join(REWARDS)}')
     try:
         out = config.out or default_out(*resolve_model_path(config.policy))
+        if config.skip_evaluated and evaluated(out):
+            return
         resolve_model_path(config.reference)
         result = evaluate(config)
     except (ValueError, FileNotFoundError, checkpoints.CheckpointError, utils.DiskFullError) as e:
@@ -367,6 +385,7 @@ def main(config: DictConfig):
     with open(out + '.tmp', 'w') as f:
         json.dump(result, f, indent=1)
     os.replace(out + '.tmp', out)
+    checkpoints.write_manifest(result_manifest(out), [out])
     print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
     print(f'wrote {out}', flush=True)
 

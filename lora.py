@@ -1,4 +1,4 @@
-"""LoRA (issue 13): train low-rank adapters on a frozen policy, through the `peft` library.
+"""LoRA: train low-rank adapters on a frozen policy, through the `peft` library.
 
 Why a module of its own: with `lora.r` set, train.py wraps the loaded policy here, no reference model
 is loaded (the reference is the same weights with the adapters disabled: `adapters_disabled`, used by

@@ -1,4 +1,4 @@
-"""Pair layouts (issue 12): how a batch of preference pairs is laid out for one forward pass.
+"""Pair layouts: how a batch of preference pairs is laid out for one forward pass.
 
 `padded` (the reference's layout) runs chosen and rejected as 2B sequences, each prompt + response,
 right-padded to the longest: every prompt is computed twice, plus the padding. `shared` runs one

@@ -566,14 +566,14 @@ def main(argv: Optional[List[str]] = None):
                         'per line, unpadded, exactly as training collates it')
     parser.add_argument('overrides', nargs='*', help="train.py's overrides, e.g. model=tiny datasets=[pairs.jsonl]")
     args = parser.parse_args(argv)
-    import train  # the same composition and checks as train.py (imported here: train.py imports this module)
+    import run_config  # the same composition and checks as train.py, less those of the trainer (none is built here)
     overrides = list(args.overrides)
     if not any(o.lstrip('+~').startswith('exp_name=') for o in overrides):
         overrides.append('exp_name=inspect_data')  # required by train.py, unused here
     try:
-        config = train.compose_config(overrides)
-        train.check_config(config)
-    except Exception as e:  # Hydra's override and composition errors, and train.ConfigError
+        config = run_config.compose_config(overrides)
+        run_config.check_config(config)
+    except Exception as e:  # Hydra's override and composition errors, and run_config.ConfigError
         sys.exit(f"config error: {'; '.join(line.strip() for line in str(e).strip().splitlines() if line.strip())}")
     cache_dir = utils.get_local_dir(config.local_dirs)
     tokenizer = utils.load_tokenizer(config.model, cache_dir)

@@ -1,6 +1,6 @@
-"""Memory-bounded, exact TDPO per-sequence statistics (issue 4).
+"""Memory-bounded, exact TDPO per-sequence statistics.
 
-The reference implementation (`trainers._tdpo_get_batch_logps`) materialises, in float32, the
+The reference implementation (`losses.tdpo_get_batch_logps`) materialises, in float32, the
 policy log-softmax, the reference softmax, its log, their difference and their product over the
 whole (B, T, V) tensor. Here only response rows (labels != -100 after the shift) are touched, in
 chunks of `chunk_rows` rows, and every (rows × V) intermediate dies with its chunk.
@@ -19,7 +19,7 @@ z = h Wᵀ and r = h_ref W_refᵀ per chunk, and returns ∂/∂h = G W and ∂/
 
 A model split over several GPUs (device_map='balanced') leaves its final hidden states on the GPU of
 its last block, while a tied output layer sits with the input embedding on the first: the fused path
-computes on the output layer's device, moving only the response rows there (issue 14).
+computes on the output layer's device, moving only the response rows there.
 """
 import os
 import warnings
@@ -135,7 +135,7 @@ class _ChunkedStats(torch.autograd.Function):
 
 def chunked_sequence_stats(logits: Tensor, reference_logits: Tensor, labels: Tensor,
                            chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """Same inputs, outputs and semantics as `trainers._tdpo_get_batch_logps(..., average_log_prob=False)`.
+    """Same inputs, outputs and semantics as `losses.tdpo_get_batch_logps(..., average_log_prob=False)`.
 
     logits, reference_logits (B, T, V), any float dtype; labels (B, T) with -100 on prompt/padding.
     Returns float32 (B,) (logps_margin, position_kl, logps); gradients flow into `logits` only.

@@ -1,178 +1,37 @@
-"""Loss math and trainers for SFT, TDPO (Zeng et al., ICML 2024, arXiv 2404.11999), DPO and IPO.
+"""Trainers for SFT, TDPO (Zeng et al., ICML 2024, arXiv 2404.11999), DPO and IPO.
 
-Read top to bottom: first the pure functions of tensors (each tested against a naive
-implementation of its equation in tests/test_losses.py), then `BasicTrainer`, the whole
-single-process run, with `concatenated_forward`, the one forward pass every loss and trainer uses.
+Read top to bottom: `BasicTrainer`, the whole single-process run: its named hooks, the batch's metrics, then
+the loops (`evaluate`, `update`, `train`). It calls modules with one job each: pair_forward.py (the one forward
+pass every loss and trainer uses, and the choice of its layout and statistics), run_logging.py (metrics.jsonl,
+samples.jsonl, wandb), checkpoints.py (how checkpoints and the export are written and read), losses.py (the
+loss math; its names stay importable from here: `trainers.tdpo_loss`, `trainers._tdpo_get_batch_logps`, ...).
 The distributed trainers (sharded_trainers.py) subclass BasicTrainer and override only its named hooks.
 """
 import contextlib
-import json
 import math
 import os
 import random
 import time
 from collections import defaultdict
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
 import lora
 import memory
-import pair_layout
+import pair_forward
 import preference_datasets
+import run_logging
 import token_stats
 import utils
+from losses import (PreferenceLoss, SequenceStats, build_preference_loss, get_batch_logps,  # noqa: F401
+                    preference_loss, tdpo_get_batch_logps, tdpo_loss)
 
-# ----------------------------------------------------------------------------------------------
-# Loss math: pure functions of tensors. B = sequences, T = tokens, V = vocabulary.
-# ----------------------------------------------------------------------------------------------
-
-
-def _shift_labels(labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Labels (B, T) with -100 on prompt and padding -> (targets (B, T-1) with 0 at masked
-    positions, float mask (B, T-1)). Logit t predicts token t+1."""
-    labels = labels[:, 1:]
-    mask = labels != -100
-    return labels.masked_fill(~mask, 0), mask
-
-
-def _masked_sum(values: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """Sum (or mean) over the T axis of `values` where `mask`; a row with no tokens gives 0, not NaN."""
-    total = (values * mask).sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
-
-
-def _get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False) -> torch.Tensor:
-    """log π(y|x) = Σ_t log π(y_t | x, y_<t) over response tokens (DPO paper, Eq. 7 inputs).
-
-    logits (B, T, V), labels (B, T) with -100 where not a response token -> (B,).
-    """
-    assert logits.shape[:-1] == labels.shape, (logits.shape, labels.shape)
-    targets, mask = _shift_labels(labels)
-    logps = logits[:, :-1].float().log_softmax(-1)
-    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return _masked_sum(token_logps, mask, average_log_prob)
-
-
-def _row_logps(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, seq: torch.Tensor,
-               n_sequences: int) -> torch.Tensor:
-    """`_get_batch_logps` on flattened positions: logits (M, V); rows (N,) the positions that predict
-    response tokens `targets` (N,) of sequences `seq` (N,) (pair_layout.response_rows) -> (n_sequences,)."""
-    token_logps = logits[rows].float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.zeros(n_sequences, device=logits.device).index_add_(0, seq, token_logps)
-
-
-def _tdpo_get_batch_logps(logits: torch.Tensor, reference_logits: torch.Tensor, labels: torch.Tensor,
-                          average_log_prob: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence TDPO statistics, with the reference implementation's arguments and returns.
-
-    logits, reference_logits (B, T, V) of policy πθ and reference π_ref; labels (B, T).
-    Returns three (B,) tensors, sums over response tokens t (means if average_log_prob):
-      logps_margin = Σ_t log πθ(y_t|x,y_<t) − log π_ref(y_t|x,y_<t)                  (Eq. 18, u)
-      position_kl  = Σ_t KL(π_ref(·|x,y_<t) ‖ πθ(·|x,y_<t)) over the full vocabulary (SeqKL, Eq. 14)
-      logps        = Σ_t log πθ(y_t|x,y_<t)
-    Both sides use log_softmax: the reference's softmax().log() gives −inf·0 = NaN on underflow.
-    """
-    assert logits.shape == reference_logits.shape and logits.shape[:-1] == labels.shape
-    targets, mask = _shift_labels(labels)
-    logps = logits[:, :-1].float().log_softmax(-1)
-    reference_logps = reference_logits[:, :-1].float().log_softmax(-1)
-    position_kl = (reference_logps.exp() * (reference_logps - logps)).sum(-1)
-    token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    reference_token_logps = reference_logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (_masked_sum(token_logps - reference_token_logps, mask, average_log_prob),
-            _masked_sum(position_kl, mask, average_log_prob),
-            _masked_sum(token_logps, mask, average_log_prob))
-
-
-def tdpo_loss(chosen_logps_margin: torch.Tensor, rejected_logps_margin: torch.Tensor,
-              chosen_position_kl: torch.Tensor, rejected_position_kl: torch.Tensor,
-              beta: float, alpha: float = 0.5, if_tdpo2: bool = True
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """TDPO losses for B pairs (all inputs (B,), from `_tdpo_get_batch_logps`).
-
-    u = logps_margin_w − logps_margin_l, δ = SeqKL_l − SeqKL_w.
-      TDPO1 (Eq. 18): −log σ(β(u − δ))
-      TDPO2 (Eq. 20): −log σ(β(u − α(SeqKL_l − sg(SeqKL_w))))
-    Returns (losses, chosen_rewards, rejected_rewards), rewards = β·(logps_margin + position_kl)
-    detached, as the reference logs them.
-    """
-    margin = chosen_logps_margin - rejected_logps_margin
-    if if_tdpo2:
-        logits = margin - alpha * (rejected_position_kl - chosen_position_kl.detach())
-    else:
-        logits = margin - (rejected_position_kl - chosen_position_kl)
-    losses = -F.logsigmoid(beta * logits)
-    chosen_rewards = beta * (chosen_logps_margin + chosen_position_kl).detach()
-    rejected_rewards = beta * (rejected_logps_margin + rejected_position_kl).detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-def preference_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
-                    reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
-                    beta: float, label_smoothing: float = 0.0, ipo: bool = False,
-                    reference_free: bool = False, divergence: str = 'reverse_kl'
-                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO (Rafailov et al. 2023, Eq. 7), conservative DPO (label_smoothing), IPO (Azar et al. 2023,
-    Eq. 17) and f-DPO (Wang et al. 2023) on (B,) sequence log-probs.
-
-    f-DPO's implicit reward is β·f'(πθ/π_ref) for the f-divergence constraint: reverse_kl (f'(u) =
-    log u + 1, which is DPO) or forward_kl (f'(u) = −1/u, reward −β·π_ref/πθ). The loss is
-    −log σ(r_w − r_l). reference_free drops π_ref from the loss (not from the logged rewards).
-    Returns (losses, chosen_rewards, rejected_rewards), rewards detached."""
-    def f_prime(log_ratio):  # f'(u) at u = πθ/π_ref, without additive constants (they cancel in r_w − r_l)
-        return log_ratio if divergence == 'reverse_kl' else -torch.exp(-log_ratio)
-    if divergence not in ('reverse_kl', 'forward_kl'):
-        raise ValueError(f'divergence={divergence!r}; valid: reverse_kl, forward_kl')
-    if divergence == 'forward_kl' and (ipo or reference_free):
-        raise ValueError('divergence=forward_kl is f-DPO: it needs the reference and the logistic loss')
-    chosen_log_ratio = policy_chosen_logps - reference_chosen_logps
-    rejected_log_ratio = policy_rejected_logps - reference_rejected_logps
-    if reference_free:
-        logits = policy_chosen_logps - policy_rejected_logps
-    else:
-        logits = f_prime(chosen_log_ratio) - f_prime(rejected_log_ratio)
-    if ipo:
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * logits) * label_smoothing)
-    return losses, beta * f_prime(chosen_log_ratio).detach(), beta * f_prime(rejected_log_ratio).detach()
-
-
-class SequenceStats(NamedTuple):
-    """Per-sequence statistics (each (B,)) that every preference loss and metric is built from."""
-    logps_margin: torch.Tensor  # Σ_t log πθ − log π_ref of the taken tokens
-    position_kl: torch.Tensor   # SeqKL: Σ_t KL(π_ref ‖ πθ) over the vocabulary
-    logps: torch.Tensor         # Σ_t log πθ of the taken tokens
-
-
-PreferenceLoss = Callable[[SequenceStats, SequenceStats], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-def build_preference_loss(loss_config: DictConfig) -> PreferenceLoss:
-    """Decide the loss once: (chosen stats, rejected stats) -> (losses, chosen_rewards, rejected_rewards)."""
-    c = loss_config
-    if c.name == 'tdpo':
-        return lambda w, l: tdpo_loss(w.logps_margin, l.logps_margin, w.position_kl, l.position_kl,
-                                      beta=c.beta, alpha=c.alpha, if_tdpo2=c.if_tdpo2)
-    if c.name in ('dpo', 'ipo'):
-        ipo, smoothing = c.name == 'ipo', c.get('label_smoothing', 0.0)
-        reference_free, divergence = c.get('reference_free', False), c.get('divergence', 'reverse_kl')
-        return lambda w, l: preference_loss(w.logps, l.logps, w.logps - w.logps_margin, l.logps - l.logps_margin,
-                                            beta=c.beta, label_smoothing=smoothing, ipo=ipo,
-                                            reference_free=reference_free, divergence=divergence)
-    raise ValueError(f"unknown loss.name={c.name!r}; valid: sft, tdpo, dpo, ipo")
-
-
-# ----------------------------------------------------------------------------------------------
-# Trainers
-# ----------------------------------------------------------------------------------------------
+_get_batch_logps = get_batch_logps  # the reference implementation's names, for its scripts and ours
+_tdpo_get_batch_logps = tdpo_get_batch_logps
 
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (none before the first update); rerun with
@@ -295,10 +154,6 @@ class BasicTrainer:
         state = {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
         return lora.trainable_state(self.policy, state) if trainable_only else state
 
-    def load_policy_state_dict(self, state: Dict[str, torch.Tensor]):
-        """Load what `policy_state_dict()` returned (frozen weights stay as the model files gave them)."""
-        lora.load_trainable_state(self.policy, state, 'the checkpoint\'s policy.pt')
-
     def checkpoint_files(self) -> Tuple[Dict[str, Dict], Optional[Dict]]:
         """What a checkpoint holds: (file name -> state dict, written by rank 0 in the reference's format;
         a state dict every rank writes its shards of, or None). Every rank calls it."""
@@ -312,15 +167,17 @@ class BasicTrainer:
         if (os.path.realpath(output_dir), self.example_counter) == self.loaded_checkpoint:
             return  # this state is the checkpoint just loaded: never rewrite it
         files, sharded = self.checkpoint_files()
-        checkpoints.save(output_dir, self.example_counter, files, self.training_state(), metrics, sharded,
-                         self.rank, self.world_size)
+        state = {**{key: getattr(self, key) for key in self.RESUMED}, 'rng': checkpoints.rng_state(),
+                 'wandb_id': run_logging.wandb_run_id()}  # training_state.pt
+        checkpoints.save(output_dir, self.example_counter, files, state, metrics, sharded, self.rank, self.world_size)
         if self.rank == 0:
             checkpoints.prune(self.run_dir, self.config.keep_checkpoints)
 
     def load_model_state(self, checkpoint_dir: str):
         """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
         load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
-        self.load_policy_state_dict(load('policy.pt'))
+        # what policy_state_dict() returned; frozen weights stay as the model files gave them
+        lora.load_trainable_state(self.policy, load('policy.pt'), 'the checkpoint\'s policy.pt')
         self.optimizer.load_state_dict(load('optimizer.pt'))
         self.scheduler.load_state_dict(load('scheduler.pt'))
 
@@ -338,11 +195,6 @@ class BasicTrainer:
             checkpoints.truncate_metrics(self.metrics_path, self.example_counter)
         utils.rank0_print(f'resumed from {checkpoint_dir} after {self.example_counter} examples')
 
-    def training_state(self) -> Dict:
-        import wandb
-        return {**{key: getattr(self, key) for key in self.RESUMED}, 'rng': checkpoints.rng_state(),
-                'wandb_id': wandb.run.id if wandb.run is not None else None}
-
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank, so that all ranks take the same branch."""
         if self.world_size == 1:
@@ -352,115 +204,45 @@ class BasicTrainer:
         return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
-        """The policy in Hugging Face format (AutoModelForCausalLM.from_pretrained loads it) with its tokenizer;
-        with LoRA the adapter merged into it, and the adapter alone in <run dir>/adapter."""
+        """The policy in Hugging Face format with its tokenizer (default <run dir>/hf; checkpoints.export_hf)."""
         state = self.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
-        if self.rank != 0:
-            return
-        output_dir = output_dir or os.path.join(self.run_dir, 'hf')
-        if lora.is_lora(self.policy):
-            adapter_dir, _ = lora.export(self.policy, state, self.run_dir, self.tokenizer, output_dir)
-            utils.rank0_print(f'exported the LoRA adapter to {adapter_dir}')
-        else:
-            self.policy.save_pretrained(output_dir, state_dict=state)
-            self.tokenizer.save_pretrained(output_dir)
-        utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+        if self.rank == 0:
+            checkpoints.export_hf(self.policy, state, self.tokenizer, self.run_dir,
+                                  output_dir or os.path.join(self.run_dir, 'hf'))
 
     # ---- forward and metrics -------------------------------------------------------------------
 
     def choose_stats_impl(self) -> str:
-        """config.stats_impl, or 'chunked' (saying why, once) where 'fused' cannot work: an output layer
-        that is not a plain linear map on a device."""
-        if self.config.stats_impl != 'fused' or self.is_sft:
-            return self.config.stats_impl
-        if token_stats.output_head(self.policy) is None:
-            utils.rank0_print("stats_impl=fused: not with this model's output layer; using 'chunked'")
-            return 'chunked'
-        return 'fused'
+        """config.stats_impl, or 'chunked' where 'fused' cannot work (pair_forward.choose_stats_impl)."""
+        return pair_forward.choose_stats_impl(self.config.stats_impl, self.is_sft, self.policy)
 
     def check_fused_stats(self, batch: Dict):
-        """Once per run, on the first preference batch: the logits the fused statistics stand for (final
-        hidden states @ output weight) must equal each model's own; if not, use 'chunked' (saying why)."""
-        if self.stats_impl != 'fused' or self.fused_stats_checked:
-            return
-        self.fused_stats_checked = True
-        ids, mask = batch['chosen_input_ids'], batch['chosen_attention_mask']
-        problem = token_stats.fused_head_mismatch(self.policy, ids, mask, self.final_hidden_states)
-        if problem is None:
-            with self.reference_forward() as reference:
-                problem = token_stats.fused_head_mismatch(reference, ids, mask, self.final_hidden_states)
-        if self.any_rank(problem is not None):
-            utils.rank0_print(f"stats_impl=fused: {problem or 'the check failed on another rank'}; using 'chunked'")
-            self.stats_impl = 'chunked'
+        """Once per run, on the first preference batch: keep 'fused' only if its logits equal each model's own."""
+        if self.stats_impl == 'fused' and not self.fused_stats_checked:
+            self.fused_stats_checked = True
+            self.stats_impl = pair_forward.check_fused_stats(batch, self.policy, self.reference_forward,
+                                                             self.final_hidden_states, self.any_rank)
 
     def choose_pair_layout(self, layout: str) -> str:
-        """`layout`, or 'padded' (with one message naming why) if a model cannot take its masks."""
-        if layout == 'padded':
-            return layout
-        for model in (self.policy, self.reference_model):
-            reason = model is not None and (pair_layout.prepare_model(model)
-                                            or pair_layout.check_model(model, len(self.tokenizer)))
-            if reason:
-                utils.rank0_print(f"pair_layout={layout}: {reason}; using 'padded'")
-                return 'padded'
-        return layout
+        """`layout`, or 'padded' if a model cannot take its masks (pair_forward.choose_pair_layout)."""
+        return pair_forward.choose_pair_layout(layout, (self.policy, self.reference_model), len(self.tokenizer))
 
     def concatenated_forward(self, batch: Dict) -> Tuple[SequenceStats, SequenceStats]:
-        """Chosen and rejected through the policy in one pass and through the reference in one pass
-        (no grad), laid out as `pair_layout` says (padded, shared or packed: pair_layout.py) ->
-        per-sequence statistics for the chosen half and the rejected half, computed as `stats_impl`
-        says: naive (the reference's full-vocabulary tensors), chunked (same logits, bounded memory,
-        response rows only) or fused (from hidden states; full logits never exist). All are exact."""
-        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length)
-        n = layout.n_sequences
-        if self.stats_impl == 'fused':
-            hidden = self.final_hidden_states(self.policy, pair_layout.model_inputs(layout, self.policy))
-            with self.reference_forward() as reference:
-                reference_hidden = self.final_hidden_states(reference, pair_layout.model_inputs(layout, reference))
-                reference_head = token_stats.output_head(reference)
-            stats = token_stats.fused_row_stats(hidden.flatten(0, 1), token_stats.output_head(self.policy),
-                                                reference_hidden.flatten(0, 1), reference_head,
-                                                *pair_layout.response_rows(layout), n)
-        else:
-            logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
-            with self.reference_forward() as reference:
-                reference_logits = reference(**pair_layout.model_inputs(layout, reference)).logits
-            if self.stats_impl == 'naive':
-                stats = _tdpo_get_batch_logps(pair_layout.unpack(layout, logits), pair_layout.unpack(layout, reference_logits),
-                                              layout.labels)
-            else:
-                stats = token_stats.chunked_row_stats(logits.flatten(0, 1), reference_logits.flatten(0, 1),
-                                                      *pair_layout.response_rows(layout), n)
-        return SequenceStats(*(s[:n // 2] for s in stats)), SequenceStats(*(s[n // 2:] for s in stats))
-
-    def sft_logps(self, batch: Dict) -> torch.Tensor:
-        """log πθ(y|x) of each chosen response (B,), padded (the reference's computation) or packed."""
-        layout = pair_layout.arrange(batch, self.pair_layout, self.config.max_length, sft=True)
-        logits = self.policy(**pair_layout.model_inputs(layout, self.policy)).logits
-        if layout.document is None:
-            return _get_batch_logps(logits, layout.labels)
-        return _row_logps(logits.flatten(0, 1), *pair_layout.response_rows(layout), layout.n_sequences)
+        """Statistics of the chosen and the rejected half, as `pair_layout` and `stats_impl` say (pair_forward)."""
+        return pair_forward.concatenated_forward(batch, self.policy, self.reference_forward, self.final_hidden_states,
+                                                 self.pair_layout, self.stats_impl, self.config.max_length)
 
     def get_batch_metrics(self, batch: Dict, train: bool = True) -> Tuple[torch.Tensor, Dict[str, List[float]]]:
         """Mean loss of the batch and per-example metrics (gathered over ranks), with the reference's names."""
         split = 'train' if train else 'eval'
-        values = {}
-        if self.is_sft:
-            chosen_logps = self.sft_logps(batch)
-            losses = -chosen_logps
+        if self.is_sft:  # log πθ(y|x) of each chosen response
+            chosen_logps = pair_forward.sft_logps(batch, self.policy, self.pair_layout, self.config.max_length)
+            losses, values = -chosen_logps, {f'logps_{split}/chosen': chosen_logps}
         else:
             self.check_fused_stats(batch)
             chosen, rejected = self.concatenated_forward(batch)
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
-            chosen_logps = chosen.logps
-            values.update({
-                f'rewards_{split}/chosen': chosen_rewards, f'rewards_{split}/rejected': rejected_rewards,
-                f'rewards_{split}/accuracies': (chosen_rewards > rejected_rewards).float(),
-                f'rewards_{split}/margins': chosen_rewards - rejected_rewards,
-                f'kl_{split}/chosen': chosen.position_kl, f'kl_{split}/rejected': rejected.position_kl,
-                f'kl_{split}/margin': chosen.position_kl - rejected.position_kl,
-                f'logps_{split}/rejected': rejected.logps})
-        values[f'logps_{split}/chosen'] = chosen_logps
+            values = pair_forward.preference_metrics(split, chosen, rejected, chosen_rewards, rejected_rewards)
         values[f'loss/{split}'] = losses
         metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
                    for k, v in values.items()}
@@ -478,24 +260,17 @@ class BasicTrainer:
     # ---- the run -------------------------------------------------------------------------------
 
     def log(self, metrics: Dict, split: str):
-        """One JSON line in metrics.jsonl and one wandb step, keyed by examples seen (rank 0 only)."""
-        if self.rank != 0:
-            return
-        import wandb
-        if wandb.run is not None:
-            wandb.log(metrics, step=self.example_counter)
-        with open(self.metrics_path, 'a') as f:
-            f.write(json.dumps({'split': split, 'step': self.example_counter, **metrics}) + '\n')
+        """One JSON line in metrics.jsonl and one wandb step, keyed by examples seen (rank 0 only; run_logging)."""
+        if self.rank == 0:
+            run_logging.log(metrics, split, self.example_counter, self.metrics_path)
 
     def _log_train(self):
         """Log the means of the training metrics pending since the last log, with the counters."""
         if not self.pending_metrics:
             return
-        mean_metrics = {k: sum(v) / len(v) for k, v in self.pending_metrics.items()}
+        mean_metrics = run_logging.train_metrics(self.pending_metrics, self.example_counter, self.batch_counter,
+                                                 self.nonfinite_updates)
         self.pending_metrics = defaultdict(list)
-        mean_metrics['counters/examples'] = self.example_counter
-        mean_metrics['counters/updates'] = self.batch_counter
-        mean_metrics['counters/nonfinite_updates'] = self.nonfinite_updates
         self.log(mean_metrics, 'train')
 
     def evaluate(self) -> Dict[str, float]:
@@ -513,34 +288,16 @@ class BasicTrainer:
             for k, v in metrics.items():
                 all_metrics[k].extend(v)
             if self.config.sample_during_eval and i < n_sample_batches:
-                policy_samples, reference_samples = self.get_batch_samples(local)
-                local_samples = [{'step': self.example_counter, 'prompt': prompt, 'policy': policy_samples[j],
-                                  'reference': reference_samples[j] if reference_samples else None}
-                                 for j, prompt in enumerate(local['prompt'])]
-                samples += utils.all_gather_objects(local_samples, self.data_world_size)  # the whole batch, in order
-        mean_metrics = {k: sum(v) / len(v) for k, v in all_metrics.items()}
-        # each mean's standard error (sample sd / sqrt(n)) and n, so that held-out numbers are read against their noise
-        mean_metrics.update({f'{k}_stderr': float(np.std(v, ddof=1)) / math.sqrt(len(v))
-                             for k, v in all_metrics.items() if len(v) > 1})
-        mean_metrics['counters/eval_examples'] = len(next(iter(all_metrics.values()), []))
+                rows = run_logging.sample_rows(self.example_counter, local['prompt'], *self.get_batch_samples(local))
+                samples += utils.all_gather_objects(rows, self.data_world_size)  # the whole batch, in order
+        mean_metrics = run_logging.eval_metrics(all_metrics)  # means, their standard errors, n
         self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
         self.log(mean_metrics, 'eval')
         if samples and self.rank == 0:
-            self._log_samples(samples[:self.config.n_eval_model_samples])
+            run_logging.log_samples(samples[:self.config.n_eval_model_samples], self.example_counter, self.run_dir,
+                                    with_reference=not self.is_sft)
         return mean_metrics
-
-    def _log_samples(self, samples: List[Dict]):
-        import wandb
-        with open(os.path.join(self.run_dir, 'samples.jsonl'), 'a') as f:
-            f.writelines(json.dumps(s) + '\n' for s in samples)
-        if wandb.run is not None:
-            columns = ['step', 'prompt', 'sample']
-            wandb.log({'policy_samples': wandb.Table(columns=columns, data=[[s['step'], s['prompt'], s['policy']] for s in samples])},
-                      step=self.example_counter)
-            if not self.is_sft:
-                wandb.log({'reference_samples': wandb.Table(columns=columns, data=[[s['step'], s['prompt'], s['reference']] for s in samples])},
-                          step=self.example_counter)
 
     def train_batches(self):
         """Training batches from the current position (`batch_counter` batches in, after a resume)."""
@@ -625,10 +382,7 @@ class BasicTrainer:
             self.policy.train()
             self.update(batch)
             progress.update(c.batch_size)
-            postfix = {'loss': np.mean(self.pending_metrics['loss/train'])}
-            if not self.is_sft:
-                postfix['acc'] = np.mean(self.pending_metrics['rewards_train/accuracies'])
-            progress.set_postfix({k: f'{v:.4g}' for k, v in postfix.items()}, refresh=False)
+            progress.set_postfix(run_logging.progress_postfix(self.pending_metrics, self.is_sft), refresh=False)
             if last_log is None or time.time() - last_log > c.minimum_log_interval_secs:
                 self._log_train()
                 last_log = time.time()

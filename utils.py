@@ -128,12 +128,75 @@ def all_gather_objects(objects: List, world_size: int) -> List:
     return [o for rank_objects in gathered for o in rank_objects]
 
 
-def init_distributed(rank: int, world_size: int):
+_SLOW_GROUP = _PROBE_GROUP = None  # gloo groups: phases where ranks wait on one rank; naming a silent rank
+
+
+def init_distributed(rank: int, world_size: int, collective_timeout_s: float = 600, slow_phase_timeout_s: float = 7200):
     """Join the process group: nccl with one GPU per process (LOCAL_RANK under torchrun), gloo on CPU.
-    The rendezvous address is MASTER_ADDR/MASTER_PORT from the environment (torchrun's, or train.py's)."""
+    The rendezvous address is MASTER_ADDR/MASTER_PORT from the environment (torchrun's, or train.py's).
+    A collective that waits longer than collective_timeout_s fails (NCCL: its watchdog ends the process,
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=3 unless set); `slow_group()` bounds the phases where ranks wait on one
+    rank (rank 0 choosing the checkpoint, ranks loading data and models, checkpoint writes) by slow_phase_timeout_s."""
+    global _SLOW_GROUP, _PROBE_GROUP
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', rank)))
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', rank=rank, world_size=world_size)
+        os.environ.setdefault('TORCH_NCCL_ASYNC_ERROR_HANDLING', '3')
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=collective_timeout_s))
+    _SLOW_GROUP = dist.new_group(backend='gloo', timeout=datetime.timedelta(seconds=slow_phase_timeout_s))
+    _PROBE_GROUP = dist.new_group(backend='gloo', timeout=datetime.timedelta(seconds=min(60, collective_timeout_s)))
+
+
+def slow_group():
+    """The process group for collectives where ranks legitimately wait on one rank (None: not distributed)."""
+    return _SLOW_GROUP if dist.is_initialized() else None
+
+
+def wait_for_all_ranks():
+    """A barrier under slow_phase_timeout_s: after the phases where one rank may work while others wait."""
+    if dist.is_initialized():
+        dist.barrier(group=_SLOW_GROUP)
+
+
+# what gloo and NCCL raise when a peer stops answering (a timeout) or is gone (its connection closed)
+COLLECTIVE_FAILURES = ('Timed out waiting', 'timed out', 'failed to pass monitoredBarrier', 'Connection closed by peer',
+                       'Connection reset by peer', 'Watchdog caught collective operation timeout')
+
+
+def collective_failure(error: BaseException) -> Optional[BaseException]:
+    """The exception in `error`'s chain that a collective raised because a peer rank stopped answering, or None."""
+    return next((e for e in exception_chain(error) if isinstance(e, RuntimeError) and dist.is_initialized()
+                 and any(marker in str(e) for marker in COLLECTIVE_FAILURES)), None)
+
+
+def _collective_site(error: BaseException) -> str:
+    """'all_reduce (trainers.py:343 any_rank)': the torch.distributed call and our code that made it."""
+    import traceback
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [f for f in frames if os.path.dirname(os.path.abspath(f.filename)) == os.path.dirname(os.path.abspath(__file__))]
+    c10d = [f for f in frames if f.filename.endswith('distributed_c10d.py')]
+    torch_frames = [f for f in frames if f'{os.sep}torch{os.sep}' in f.filename]
+    name = c10d[-1].name if c10d else torch_frames[-1].name if torch_frames else 'a collective'
+    return name + (f' ({os.path.basename(ours[-1].filename)}:{ours[-1].lineno} {ours[-1].name})' if ours else '')
+
+
+def collective_failure_line(error: BaseException, rank: int, timeout_s: float, slow_timeout_s: float) -> Optional[str]:
+    """One line for a collective that failed because another rank stopped answering (None for other errors):
+    which collective, the backend's words, and the silent rank where a monitored barrier on the other ranks
+    names it (rank 0 learns it; a bounded wait of at most 60 s)."""
+    failure = collective_failure(error)
+    if failure is None:
+        return None
+    silent = ''
+    try:
+        dist.monitored_barrier(group=_PROBE_GROUP, timeout=datetime.timedelta(seconds=min(60, timeout_s)),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        silent = f'; {str(e).strip().splitlines()[0]}'
+    backend = str(failure).strip().splitlines()[0][:200]
+    return (f'rank {rank}: collective {_collective_site(failure)} failed: another rank stopped answering ({backend}'
+            f'{silent}; collective_timeout_s={timeout_s:g}, slow_phase_timeout_s={slow_timeout_s:g}). The checkpoints '
+            f'written so far are intact: rerun with resume=true to continue from the last complete one')
 
 
 def get_open_port() -> int:
@@ -226,11 +289,14 @@ def looks_like_disk_full(errors: Iterable[BaseException], free: int) -> bool:
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
     Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
-    first converts, the others wait and use its result. The directory appears only complete."""
+    first converts, the others wait and use its result. The directory appears only complete, with a
+    manifest (checkpoints.write_manifest) that every load verifies: a damaged entry is converted again."""
+    import checkpoints
     source = os.path.join(model_config.name_or_path, model_config.gguf_file)
     size = os.path.getsize(source)
     target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{size}')
-    if os.path.exists(os.path.join(target, 'config.json')):
+    manifest = os.path.join(target, checkpoints.MANIFEST)
+    if checkpoints.manifest_problem(manifest) is None:
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(f'{target}.lock', 'a') as lock:
@@ -244,14 +310,21 @@ def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
         else:
             for leftover in glob.glob(glob.escape(target) + '.tmp*'):  # of killed conversions (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
-        if os.path.exists(os.path.join(target, 'config.json')):
-            return target
+        if os.path.lexists(target):
+            problem = checkpoints.manifest_problem(manifest)
+            if problem is None:
+                return target  # another process converted it while this one waited
+            print(f'model cache {target} is damaged ({problem}); converting {source} again', flush=True)
+            damaged = f'{target}.tmp-damaged{os.getpid()}'  # removed with the other leftovers if this is killed
+            os.replace(target, damaged)
+            shutil.rmtree(damaged, ignore_errors=True)
         _convert_gguf(model_config, source, target)
     return target
 
 
 def _convert_gguf(model_config: DictConfig, source: str, target: str):
     import transformers
+    import checkpoints
     print(f'converting {source} to safetensors in {target} (once; later loads take a second)', flush=True)
     kwargs = dict(gguf_file=model_config.gguf_file)
     model = transformers.AutoModelForCausalLM.from_pretrained(model_config.name_or_path, **kwargs)
@@ -266,6 +339,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        checkpoints.write_manifest(os.path.join(tmp, checkpoints.MANIFEST), [tmp])
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
@@ -279,7 +353,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         os.rename(tmp, target)
     except OSError:  # another process (without a working lock) finished first: use its copy
-        if not os.path.exists(os.path.join(target, 'config.json')):
+        if checkpoints.manifest_problem(os.path.join(target, checkpoints.MANIFEST)) is not None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 

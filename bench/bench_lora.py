@@ -1,4 +1,4 @@
-"""Why this script exists: issue 13 asks what LoRA saves in a TDPO training step. It measures one full
+"""Why this script exists: to say what LoRA saves in a TDPO training step. It measures one full
 step of the real trainer (`BasicTrainer.update`: policy forward and backward, reference forward, TDPO2
 loss, AdamW step) on SmolLM2-135M-Instruct (model=smollm2-135m, the real weights), full fine-tuning
 against LoRA (lora.r; the reference is then the policy with its adapters off), side by side in one run:
@@ -45,16 +45,26 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def write_pairs(path, n=8):
+    """n HH-format rows with distinct prompts; chosen answers are longer and polite (the steps time random
+    tokens: these rows only make the config's data set)."""
+    with open(path, 'w') as f:
+        for i in range(n):
+            prompt = f'\n\nHuman: Tell me something about the number {i}.\n\nAssistant:'
+            f.write(json.dumps({'chosen': prompt + f' Gladly! {i} is a fine number, {i % 7} more than a multiple of 7.',
+                                'rejected': prompt + ' No.'}) + '\n')
+    return str(path)
+
+
 def make_trainer(args, variant, run_dir):
     """The trainer train.py would build for `model=<model> loss=tdpo optimizer=AdamW [lora.r=...]`."""
     sys.path.insert(0, ROOT)
-    sys.path.insert(0, os.path.join(ROOT, 'tests'))
-    from helpers import compose_config, write_hh_file
+    from run_config import compose_config
     import train
     import trainers
     overrides = [f'model={args.model}', 'loss=tdpo', 'exp_name=bench_lora', 'optimizer=AdamW', 'lr=1e-5',
                  'warmup_steps=0', f'batch_size={args.pairs}', f'local_dirs=[{os.path.join(ROOT, ".cache")}]',
-                 f'datasets=[{write_hh_file(os.path.join(run_dir, "pairs.jsonl"), n=8)}]', f'local_run_dir={run_dir}',
+                 f'datasets=[{write_pairs(os.path.join(run_dir, "pairs.jsonl"))}]', f'local_run_dir={run_dir}',
                  'n_eval_examples=0', 'wandb.enabled=false', f'stats_impl={args.stats_impl}',
                  f'lora.r={args.lora_r if variant == "lora" else "null"}',
                  'pair_layout=padded']  # the synthetic pairs share no prompt; layouts: bench_tdpo_step.py --layouts

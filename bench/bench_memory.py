@@ -63,10 +63,9 @@ def parse_args(argv=None):
 
 
 def compose(args, overrides):
-    import train  # noqa: F401 (registers the resolvers)
-    from hydra import compose as hydra_compose, initialize_config_dir
-    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
-        return hydra_compose('config', overrides=[*args.model.split(), *overrides])
+    """The config of train.py with the --model overrides, then `overrides`."""
+    import run_config
+    return run_config.compose_config([*args.model.split(), *overrides])
 
 
 def hh_dialogues(path):

@@ -1,10 +1,10 @@
-"""Why this folder exists: issue 4 asks whether TDPO's per-sequence statistics can be computed without
+"""Why this folder exists: to measure whether TDPO's per-sequence statistics can be computed without
 materialising several (batch, length, vocab) float32 tensors, and at what cost in step time. This
 script measures one full TDPO training step (policy forward+backward, reference forward, TDPO2 loss,
 AdamW step) of a SmolLM2-135M-shaped Llama (random init) for each way of computing the statistics:
 
   lower_bound  policy forward+backward + reference forward, trivial loss (mean of the policy logits)
-  naive        trainers._tdpo_get_batch_logps (the reference-compatible computation) + tdpo_loss
+  naive        losses.tdpo_get_batch_logps (the reference-compatible computation) + tdpo_loss
   chunked      token_stats.chunked_sequence_stats on full logits + tdpo_loss
   fused        token_stats.fused_sequence_stats on final hidden states + lm_head weight + tdpo_loss
 
@@ -16,7 +16,7 @@ excluded; the whole-run ru_maxrss is reported too) and torch.cuda.max_memory_all
       --out bench/results-cpu.json
   bash bench/gpu_check.sh      # CUDA, bf16, a Llama-3.2-1B-shaped model (--shape llama-1b), adds model FLOPs utilisation
 
-With --layouts (issue 12) it compares pair layouts instead (`layout_worker`): the full TDPO2 update of
+With --layouts it compares pair layouts instead (`layout_worker`): the full TDPO2 update of
 BasicTrainer (trainer.update: policy forward+backward, reference forward, fused statistics, AdamW) of
 SmolLM2-135M-Instruct on real batches of the shared HH sample (its SmolLM2-tokenized lengths), the same
 batches in the same order for each layout, one fresh process per layout:
@@ -116,7 +116,7 @@ def worker(args, variant, vocab):
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
     import token_stats
-    from trainers import _tdpo_get_batch_logps, tdpo_loss
+    from losses import tdpo_get_batch_logps, tdpo_loss
     from transformers import LlamaForCausalLM
 
     device = torch.device(args.device)
@@ -148,7 +148,7 @@ def worker(args, variant, vocab):
             ref_logits = reference(input_ids=ids, attention_mask=mask, use_cache=False).logits
         if variant == 'lower_bound':
             return logits.float().mean()
-        stats_fn = _tdpo_get_batch_logps if variant == 'naive' else token_stats.chunked_sequence_stats
+        stats_fn = tdpo_get_batch_logps if variant == 'naive' else token_stats.chunked_sequence_stats
         return loss_of_stats(stats_fn(logits, ref_logits, labels))
 
     def step():
@@ -291,7 +291,7 @@ def print_table(args, results):
 
 
 
-# ---- pair layouts (issue 12) -------------------------------------------------------------------
+# ---- pair layouts -----------------------------------------------------------------------------
 
 def layout_worker(args, layout):
     """Time BasicTrainer.update on real batches with pair_layout=`layout`; print one RESULT line."""
@@ -300,24 +300,22 @@ def layout_worker(args, layout):
     import torch
     torch.set_num_threads(args.threads)
     sys.path.insert(0, ROOT)
-    from hydra import compose, initialize_config_dir
-
     import pair_layout
+    import run_config
     import train
     import trainers
     import utils
     cuda = args.device.startswith('cuda')
     run_dir = tempfile.mkdtemp(prefix='bench-layout-')
-    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
-        config = compose('config', overrides=[
-            'model=smollm2-135m', 'loss=tdpo', 'exp_name=bench', f'datasets=[{os.path.abspath(args.data)}]',
-            f'local_dirs=[{os.path.join(ROOT, ".cache")}]', f'local_run_dir={run_dir}', f'batch_size={args.batch}',
-            f'max_length={args.length}', f'max_prompt_length={args.prompt_length}', f'pair_layout={layout}',
-            'stats_impl=fused', 'optimizer=AdamW', 'lr=1e-4', 'warmup_steps=0', 'n_eval_examples=0', 'wandb.enabled=false',
-            f'n_examples={args.batch * (args.warmup + args.steps)}', 'minimum_log_interval_secs=0',
-            f'gradient_accumulation_steps={args.accumulation}',
-            f'model.policy_dtype={"bfloat16" if args.dtype == "bf16" else "float32"}',
-            f'model.reference_dtype={"bfloat16" if args.dtype == "bf16" else "float32"}'])
+    config = run_config.compose_config([
+        'model=smollm2-135m', 'loss=tdpo', 'exp_name=bench', f'datasets=[{os.path.abspath(args.data)}]',
+        f'local_dirs=[{os.path.join(ROOT, ".cache")}]', f'local_run_dir={run_dir}', f'batch_size={args.batch}',
+        f'max_length={args.length}', f'max_prompt_length={args.prompt_length}', f'pair_layout={layout}',
+        'stats_impl=fused', 'optimizer=AdamW', 'lr=1e-4', 'warmup_steps=0', 'n_eval_examples=0', 'wandb.enabled=false',
+        f'n_examples={args.batch * (args.warmup + args.steps)}', 'minimum_log_interval_secs=0',
+        f'gradient_accumulation_steps={args.accumulation}',
+        f'model.policy_dtype={"bfloat16" if args.dtype == "bf16" else "float32"}',
+        f'model.reference_dtype={"bfloat16" if args.dtype == "bf16" else "float32"}'])
     train.check_config(config)
     policy, reference = train.build_models(config)
     trainer = trainers.BasicTrainer(policy, config, config.seed, run_dir, reference_model=reference)

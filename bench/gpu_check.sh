@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why: no GPU runs in CI, so the GPU-only paths (issue 14) are proved by this one prepared script whenever a
+# Why: no GPU runs in CI, so the GPU-only paths are proved by this one prepared script whenever a
 # GPU is lent: (1) the GPU tests, `pytest -m gpu` (tests/test_gpu.py: naive, chunked and fused statistics on
 # CUDA in fp32 and bf16, a model split over two devices, BasicTrainer and FSDPTrainer (one process) end to
 # end on smollm2-135m in bf16, sampling, evaluate.py), then (2) the step benchmark with model FLOPs

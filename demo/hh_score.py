@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import evaluate  # noqa: E402
 import pair_layout  # noqa: E402
 import preference_datasets  # noqa: E402
+import run_config  # noqa: E402
 import token_stats  # noqa: E402
-import train  # noqa: E402  (registers the config resolvers)
 import utils  # noqa: E402
 
 REFERENCE = 'sft'
@@ -179,7 +179,7 @@ def sample_records(model, tokenizer, prompts: List[List[int]], max_new_tokens: i
 def held_out_examples(overrides: List[str], tokenizer, validation_of: Optional[float]) -> List:
     """The pairs train.py evaluates on for `overrides` (its test split); with validation_of=f, those whose
     prompt is not among the eval_fraction=f held-out prompts (the tuning slice of the training part)."""
-    config = train.compose_config(['exp_name=hh_score', 'loss=tdpo', 'wandb.enabled=false', *overrides])
+    config = run_config.compose_config(['exp_name=hh_score', 'loss=tdpo', 'wandb.enabled=false', *overrides])
     examples = preference_datasets.load_split(config, tokenizer, 'test', utils.get_local_dir(config.local_dirs))
     if validation_of:
         examples = [e for e in examples if not preference_datasets.is_eval_prompt(e.prompt, validation_of)]
@@ -188,7 +188,7 @@ def held_out_examples(overrides: List[str], tokenizer, validation_of: Optional[f
 
 def max_length(overrides: List[str]) -> int:
     """max_length of the runs (the packed layout's row length), as train.py composes it."""
-    return train.compose_config(['exp_name=hh_score', *overrides]).max_length
+    return run_config.compose_config(['exp_name=hh_score', *overrides]).max_length
 
 
 def distinct_prompts(examples: List, n: int) -> List[List[int]]:

@@ -14,6 +14,7 @@ import argparse
 import glob
 import json
 import os
+import sys
 from typing import Dict, List, Optional
 
 import matplotlib
@@ -21,6 +22,9 @@ import matplotlib
 matplotlib.use('Agg')  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 
 METHOD_COLORS = {'DPO': 'tab:blue', 'f-DPO (FKL)': 'tab:gray', 'TDPO1': 'tab:green'}
 TDPO2_COLORS = ['tab:orange', 'tab:red', 'tab:purple', 'tab:brown', 'tab:pink']
@@ -57,6 +61,10 @@ def load_run(run_dir: str) -> Optional[Dict]:
     rows = read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
     evals = []
     for path in glob.glob(os.path.join(run_dir, 'step-*', 'eval.json')) + glob.glob(os.path.join(run_dir, 'eval.json')):
+        problem = checkpoints.manifest_problem(path + '.manifest.json')  # as evaluate.py seals it
+        if problem is not None:
+            print(f'plot_sweep: leaving out {path}: damaged ({problem}); demo/sweep.sh evaluates it again', flush=True)
+            continue
         with open(path) as f:
             evals.append(json.load(f))
     evals.sort(key=lambda e: e.get('examples_seen') or 0)

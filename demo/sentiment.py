@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import checkpoints  # noqa: E402
 from evaluate import load, sample, vader_reward as reward  # noqa: E402
 from preference_datasets import _is_eval_prompt  # noqa: E402
 
@@ -97,13 +98,18 @@ def build(args):
     meta = {k: v for k, v in vars(args).items() if k not in ('func', 'command')}
     meta['test_out'] = test_out
     meta['format_version'] = 1
-    if os.path.exists(args.out) and os.path.exists(test_out) and os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old.get('args') == meta:
-            print(f'build: {args.out} and {test_out} exist, built with the same arguments; skipping '
-                  f'({old["n_train_pairs"]} train / {old["n_test_pairs"]} test pairs)')
-            return
+    manifest = args.out + '.manifest.json'  # sealed last: the three files are complete and intact
+    if any(os.path.exists(p) for p in (args.out, test_out, meta_path)):
+        problem = checkpoints.manifest_problem(manifest)
+        if problem is None:
+            with open(meta_path) as f:
+                old = json.load(f)
+            if old.get('args') == meta:
+                print(f'build: {args.out} and {test_out} exist, built with the same arguments; skipping '
+                      f'({old["n_train_pairs"]} train / {old["n_test_pairs"]} test pairs)')
+                return
+        else:
+            print(f'build: the cached pairs {args.out} are damaged ({problem}); building them again', flush=True)
     start = time.time()
     model, tokenizer, _, _ = load(f'model:{args.model}')
     # Train prompts outside train.py's held-out slice of a local file, test prompts inside it (see is_eval_prompt).
@@ -149,6 +155,7 @@ def build(args):
     with open(meta_path, 'w') as f:
         json.dump({'args': meta, 'n_train_pairs': stats['train']['pairs'], 'n_test_pairs': stats['test']['pairs'],
                    'stats': stats, 'build_seconds': seconds}, f, indent=1)
+    checkpoints.write_manifest(manifest, [args.out, test_out, meta_path])
     print(f'build: done in {seconds:.0f} s')
 
 

@@ -2,11 +2,11 @@
 # The paper's controlled-sentiment comparison (Zeng et al. 2024, Fig. 2), offline (`make sweep` calls this once
 # .venv exists, with its python on PATH):
 #   1. the demo's VADER-labelled preference pairs (demo/sentiment.py build; cached, shared with `make demo`)
-#   2. SFT on the preferred reviews: the reference of every run (skipped when $SWEEP_DIR/runs/sft/hf exists)
+#   2. SFT on the preferred reviews: the reference of every run (skipped when $SWEEP_DIR/runs/sft/hf verifies)
 #   3. Hydra multiruns of train.py from the SFT model: DPO, TDPO1, TDPO2 at every alpha in $ALPHAS, and f-DPO with
 #      forward KL, each at every beta in $BETAS; each run checkpoints halfway (step-N/) and at the end
 #   4. evaluate.py (a Hydra multirun) on every checkpoint: VADER reward of policy samples on held-out prompts and
-#      KL(policy || SFT) on them (checkpoints that already have eval.json are skipped)
+#      KL(policy || SFT) on them (checkpoints whose eval.json verifies against its manifest are skipped)
 #   5. demo/plot_sweep.py: the four panels into $SWEEP_DIR/sweep.png and the table $SWEEP_DIR/sweep.md
 # Sized for 2 CPU cores (about 45 minutes, see README "The paper's sentiment experiment"); every size is an
 # environment variable, e.g. `BETAS=0.1,0.3,1.0 N_PROMPTS=512 bash demo/sweep.sh` on a GPU. A rerun continues:
@@ -57,7 +57,7 @@ HALF=$(( (N_UPDATES + 1) / 2 * BATCH_SIZE ))  # examples at the one checkpoint h
 
 echo "=== [2/5] SFT (the reference of every run)"
 t=$(now)
-if [ -f "$SFT_RUN/hf/config.json" ]; then
+if [ -f "$SFT_RUN/hf/config.json" ] && "$PYTHON" checkpoints.py verify "$SFT_RUN/hf/manifest.json"; then
     echo "sweep: $SFT_RUN exists; skipping SFT"
 else
     "$PYTHON" -u train.py "${COMMON[@]}" loss=sft exp_name=sweep_sft local_run_dir="$SFT_RUN" batch_size=8 lr=1e-5 \
@@ -104,12 +104,13 @@ for run in "$RUNS"/*/; do
     run=${run%/}
     [ "$run" = "$SFT_RUN" ] && continue
     for checkpoint in "$run"/step-* "$run"; do  # the run directory itself = its final hf/ export
-        [ -e "$checkpoint" ] && [ ! -f "$checkpoint/eval.json" ] && todo+=("$checkpoint")
+        # one with an eval.json too: evaluate.py skips it if it verifies (skip_evaluated), else evaluates it again
+        [ -e "$checkpoint" ] && todo+=("$checkpoint")
     done
 done
 if [ ${#todo[@]} -gt 0 ]; then
     policies=$(IFS=,; echo "${todo[*]}")
-    "$PYTHON" -u evaluate.py -m policy="$policies" reference="$SFT_RUN" prompts="$TEST" \
+    "$PYTHON" -u evaluate.py -m policy="$policies" reference="$SFT_RUN" prompts="$TEST" skip_evaluated=true \
         samples_per_prompt="$EVAL_SAMPLES_PER_PROMPT" max_new_tokens="$MAX_NEW_TOKENS" seed=$((SEED + 1234)) \
         hydra.sweep.dir="$SWEEP_DIR/multirun/evaluate"
 fi

@@ -7,10 +7,10 @@ import subprocess
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-import train  # registers the config resolvers
+import train  # train.check_config and train.build_models: as train.py checks and builds
 import trainers
+from run_config import compose_config  # noqa: F401 (the tests import it from here)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, '.cache')  # the dequantized model and tokenizer are cached here once
@@ -32,11 +32,6 @@ def write_hh_file(path, n=48):
             f.write(json.dumps({'chosen': prompt + f' Gladly! {i} is a fine number, {i % 7} more than a multiple of 7.',
                                 'rejected': prompt + ' No.'}) + '\n')
     return str(path)
-
-
-def compose_config(overrides):
-    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
-        return compose('config', overrides=list(overrides))
 
 
 def make_trainer(tmp_path, loss='tdpo', perturb=True, **overrides):

@@ -1,5 +1,5 @@
 """bench/bench_tdpo_step.py's arithmetic behind the model FLOPs utilisation that bench/gpu_check.sh reports
-(issue 14): model FLOPs against a hand count, the model shapes' sizes, the peak table, and MFU as a worker
+model FLOPs against a hand count, the model shapes' sizes, the peak table, and MFU as a worker
 computes it (on the CPU, with a given peak)."""
 import importlib.util
 import json

@@ -240,8 +240,9 @@ def test_a_reference_format_archive_written_by_plain_torch_save_loads(tmp_path):
     """The reference code saves {'step_idx', 'state': policy.state_dict(), 'metrics'}: an OrderedDict with
     _metadata, metrics as Python floats. It loads weights_only, into train.py's models (policy and reference)."""
     config = compose_config(['model=tiny', 'loss=tdpo', 'exp_name=x', f'local_dirs=[{CACHE}]'])
-    import train
-    model = train.build_models(config)[0]
+    import models
+    from sharded_trainers import TRAINERS
+    model = models.build_models(config, TRAINERS[config.trainer])[0]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -250,7 +251,7 @@ def test_a_reference_format_archive_written_by_plain_torch_save_loads(tmp_path):
     path = str(tmp_path / 'policy.pt')
     torch.save({'step_idx': 160, 'state': state, 'metrics': {'loss/eval': 0.69}}, path)
     config.model.archive = path
-    policy, reference = train.build_models(config)
+    policy, reference = models.build_models(config, TRAINERS[config.trainer])
     for k, v in state.items():
         assert torch.equal(policy.state_dict()[k], v) and torch.equal(reference.state_dict()[k], v)
 

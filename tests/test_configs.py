@@ -1,4 +1,5 @@
-"""Every config composes: each model and loss file, and every train.py and evaluate.py command in the README."""
+"""Every config composes: each model and loss file, and every train.py and evaluate.py command in the README and
+the guides it links (docs/, demo/README.md, bench/README.md)."""
 import os
 import re
 import shlex
@@ -6,16 +7,30 @@ import shlex
 import pytest
 from omegaconf import OmegaConf
 
-import train
+import models
+import run_config
 from helpers import ROOT, compose_config
+from sharded_trainers import TRAINERS
 
 MODELS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, 'config', 'model')))
 LOSSES = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, 'config', 'loss')))
 
 
+GUIDES = ['README.md', 'demo/README.md', 'bench/README.md'] + sorted(
+    os.path.join('docs', f) for f in os.listdir(os.path.join(ROOT, 'docs')) if f.endswith('.md'))
+
+
+def documented_text() -> str:
+    """The README and the guides it links, shell line continuations joined."""
+    text = ''
+    for name in GUIDES:
+        with open(os.path.join(ROOT, name)) as f:
+            text += f.read().replace('\\\n', ' ') + '\n'
+    return text
+
+
 def readme_commands():
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        text = f.read().replace('\\\n', ' ')  # join shell line continuations
+    text = documented_text()
     commands = [line.strip() for line in text.splitlines() if re.search(r'\btrain\.py\b', line) and
                 re.match(r'\s*(python|torchrun|srun)', line)]
     assert len(commands) >= 4, 'README lost its train.py commands'
@@ -27,10 +42,10 @@ def readme_commands():
 def test_every_model_and_loss_composes(model, loss):
     config = compose_config([f'model={model}', f'loss={loss}', 'exp_name=x', 'loss.beta=0.1'] if loss != 'sft'
                             else [f'model={model}', f'loss={loss}', 'exp_name=x'])
-    missing = train.missing_keys(config)
+    missing = run_config.missing_keys(config)
     assert missing == (['model.name_or_path'] if model == 'blank_model' else [])
     if model != 'blank_model':
-        train.check_config(config)
+        run_config.check_config(config, trainers=TRAINERS)
 
 
 # each bad value (and the key it must name) crashed later or trained on nothing before check_config caught it
@@ -57,8 +72,8 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize('overrides, key', BAD_VALUES)
 def test_bad_values_are_one_config_error_naming_the_key(overrides, key):
-    with pytest.raises(train.ConfigError) as error:
-        train.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]))
+    with pytest.raises(run_config.ConfigError) as error:
+        run_config.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]), trainers=TRAINERS)
     message = str(error.value)
     assert '\n' not in message and re.search(rf'(^|\W){re.escape(key)}\W', message), message
 
@@ -71,7 +86,34 @@ def test_bad_values_are_one_config_error_naming_the_key(overrides, key):
     ['datasets=[hh,shp]', 'eval_datasets=[hh]'], ['eval_datasets=null'],
 ])
 def test_edge_values_that_train_pass(overrides):
-    train.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]))
+    run_config.check_config(compose_config(['model=tiny', 'exp_name=x', *overrides]), trainers=TRAINERS)
+
+
+def test_without_the_trainer_registry_the_trainer_checks_are_skipped():
+    """`python preference_datasets.py` builds no trainer: check_config without `trainers` skips what only the
+    trainer classes decide (the trainer's name, LoRA support), and keeps the other checks."""
+    for overrides, message in [(['trainer=NoSuchTrainer'], "unknown trainer='NoSuchTrainer'"),
+                               (['lora.r=4', 'trainer=TensorParallelTrainer'], 'does not train LoRA adapters')]:
+        config = compose_config(['model=tiny', 'exp_name=x', 'loss=tdpo', *overrides])
+        with pytest.raises(run_config.ConfigError, match=re.escape(message)):
+            run_config.check_config(config, trainers=TRAINERS)
+        run_config.check_config(config)
+    with pytest.raises(run_config.ConfigError, match='batch_size'):
+        run_config.check_config(compose_config(['model=tiny', 'exp_name=x', 'batch_size=0']))
+
+
+def test_train_keeps_its_old_import_paths():
+    """Scripts and users import these from train; train.check_config checks the trainer, as train.py does."""
+    import run_dirs
+    import train
+    assert train.ConfigError is run_config.ConfigError and train.compose_config is run_config.compose_config
+    assert train.missing_keys is run_config.missing_keys and train.TRAINERS is TRAINERS
+    assert (train.resume_run_dir, train.choose_checkpoint, train.open_run_dir, train.remove_if_unused) == \
+        (run_dirs.resume_run_dir, run_dirs.choose_checkpoint, run_dirs.open_run_dir, run_dirs.remove_if_unused)
+    with pytest.raises(run_config.ConfigError, match="unknown trainer='NoSuchTrainer'"):
+        train.check_config(compose_config(['model=tiny', 'exp_name=x', 'trainer=NoSuchTrainer']))
+    with pytest.raises(run_config.ConfigError, match='trainer=BasicTrainer runs in one process, not 2'):
+        train.check_config(compose_config(['model=tiny', 'exp_name=x']), 2)
 
 
 def test_tdpo2_is_the_default_tdpo():
@@ -86,13 +128,12 @@ def test_readme_command_composes(command):
     if '-m' in args:  # a sweep: compose its first run
         overrides = [o if '[' in o else o.split(',')[0] for o in overrides]
     config = compose_config(overrides)
-    train.check_config(config)
+    run_config.check_config(config, trainers=TRAINERS)
     OmegaConf.to_container(config, resolve=True)  # every interpolation resolves (the run dir is only named)
 
 
 def readme_evaluate_commands():
-    with open(os.path.join(ROOT, 'README.md')) as f:
-        text = f.read().replace('\\\n', ' ')
+    text = documented_text()
     commands = [line.strip() for line in text.splitlines() if re.match(r'\s*python\b.*\bevaluate\.py\b', line)]
     assert commands, 'README lost its evaluate.py commands'
     return commands
@@ -125,8 +166,8 @@ def test_an_archive_that_does_not_fit_the_model_is_one_config_error(tmp_path, st
                              f'model.archive={tmp_path / "policy.pt"}'])
     tensors = {'one': torch.zeros(3), 'two': torch.zeros(2), 'wide': torch.zeros(7, 5)}
     torch.save({'step_idx': 0, 'state': {k: tensors[v] for k, v in state.items()}, 'metrics': {}}, tmp_path / 'policy.pt')
-    with pytest.raises(train.ConfigError) as error:
-        train.build_models(config)
+    with pytest.raises(run_config.ConfigError) as error:
+        models.build_models(config, TRAINERS[config.trainer])
     message = str(error.value)
     assert '\n' not in message and message.startswith(f'model.archive={tmp_path / "policy.pt"} does not fit'), message
     assert re.search(problem, message), message

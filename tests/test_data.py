@@ -34,7 +34,7 @@ PARTING_ROWS = (1254, 1688)
 @pytest.fixture(scope='module')
 def tokenizer():
     from hydra import compose, initialize_config_dir
-    import train  # noqa: F401  registers the pkg_dir resolver
+    import run_config  # noqa: F401  registers the pkg_dir resolver
     import utils
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         cfg = compose('config', overrides=['model=tiny', 'exp_name=t'])

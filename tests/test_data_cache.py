@@ -1,7 +1,7 @@
-"""The tokenized-data cache (tokenized_cache.py): safetensors, never a pickle (issue 15): loading it runs no
+"""The tokenized-data cache (tokenized_cache.py): safetensors, never a pickle: loading it runs no
 code, and a planted malicious pickle at a cache path (old or new naming) creates nothing; damaged entries
 are rebuilt with one line; N processes arriving at once at a fresh cache build it once and all read the same
-examples (issue 10); a cache that cannot be written does not stop the run."""
+examples; a cache that cannot be written does not stop the run."""
 import glob
 import json
 import os

@@ -1,7 +1,7 @@
-"""Users' own preference data (issue 11): chat rows tokenized exactly as the chat template gives them at
+"""Users' own preference data: chat rows tokenized exactly as the chat template gives them at
 inference (SmolLM2's template and a second Jinja template), TRL's five preference formats, every file type,
 hub ids (local parquet/arrow files standing in for the hub), the reference data sets' parsing; and every bad
-row or file as one DataError naming the file and line (issue 10). Expected token ids come from the tokenizer
+row or file as one DataError naming the file and line. Expected token ids come from the tokenizer
 and its chat template (`apply_chat_template(tokenize=True)`, `tokenizer(text)`), never from the code under test."""
 import copy
 import gzip
@@ -360,7 +360,7 @@ def test_reference_hub_loaders_parse_as_the_reference(tokenizer, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad rows and files: one DataError naming the file and line (issue 10, item 5)
+# Bad rows and files: one DataError naming the file and line
 # ---------------------------------------------------------------------------------------------
 
 GOOD = {'prompt': 'p', 'chosen': 'c', 'rejected': 'r'}

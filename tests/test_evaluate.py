@@ -138,7 +138,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
 
 
 def test_evaluation_computes_in_the_precision_the_run_trained_in(tmp_path):
-    """Issue 14: evaluate.py reads the policy's run config.yaml, so the KL it reports is the KL the run trained
+    """evaluate.py reads the policy's run config.yaml, so the KL it reports is the KL the run trained
     against: an FSDP run with bfloat16 mixed precision computed its policy and (reference_dtype null) its
     reference in bfloat16; a model without a run is evaluated in float32."""
     from hydra import compose, initialize_config_dir

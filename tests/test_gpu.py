@@ -1,4 +1,4 @@
-"""The GPU paths (issue 14), run by `bash bench/gpu_check.sh` (`pytest -m gpu`); skipped without CUDA.
+"""The GPU paths, run by `bash bench/gpu_check.sh` (`pytest -m gpu`); skipped without CUDA.
 
 On CUDA, in float32 and bfloat16: the naive, chunked and fused TDPO statistics against float64 math on
 the same inputs (values and gradients), the compiled chunk math, the fused path on a model split over
@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 
+import losses
 import token_stats
 import trainers
 from helpers import CACHE, ROOT, write_hh_file
@@ -86,7 +87,7 @@ def test_naive_chunked_and_fused_statistics_agree_on_device(dtype):
     on = lambda x: x.to(DEVICE)
     for name in ('naive', 'chunked'):
         logits = on(logits64.detach().to(dtype)).requires_grad_()
-        fn = trainers._tdpo_get_batch_logps if name == 'naive' else token_stats.chunked_sequence_stats
+        fn = losses.tdpo_get_batch_logps if name == 'naive' else token_stats.chunked_sequence_stats
         stats = fn(logits, on(ref_logits), on(labels))
         sum((on(wi) * s).sum() for wi, s in zip(w, stats)).backward()
         assert all(s.device.type == DEVICE.type and s.dtype == torch.float32 for s in stats)
@@ -149,7 +150,7 @@ def test_fused_statistics_of_a_model_split_over_two_devices():
     labels[:, :16], mask[3, 40:], labels[3, 40:] = -100, 0, -100
     ids, mask, labels = ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
     policy.to(DEVICE), reference.to(DEVICE)
-    want = trainers._tdpo_get_batch_logps(policy(ids, attention_mask=mask).logits,
+    want = losses.tdpo_get_batch_logps(policy(ids, attention_mask=mask).logits,
                                           reference(ids, attention_mask=mask).logits.detach(), labels)
     sum(s.sum() for s in want).backward()
     want_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}

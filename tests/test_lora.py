@@ -18,8 +18,11 @@ import torch
 from torch.func import functional_call
 
 import lora
+import losses
+import models
 import pair_layout
-import train
+import run_config
+import sharded_trainers
 import trainers
 import utils
 from helpers import CACHE, ROOT, compose_config, make_trainer, write_hh_file
@@ -117,7 +120,7 @@ def test_one_update_equals_the_update_through_a_hand_merged_model(tmp_path, stat
     logits = functional_call(base, merged, (ids,), {'attention_mask': mask}).logits
     with torch.no_grad():
         reference_logits = base(ids, attention_mask=mask).logits
-    margin, kl, _ = trainers._tdpo_get_batch_logps(logits, reference_logits, labels)
+    margin, kl, _ = losses.tdpo_get_batch_logps(logits, reference_logits, labels)
     n = batch['chosen_input_ids'].shape[0]
     c = trainer.config.loss
     expected_loss = trainers.tdpo_loss(margin[:n], margin[n:], kl[:n], kl[n:], c.beta, c.alpha, c.if_tdpo2)[0].mean()
@@ -247,8 +250,8 @@ def test_merged_state_dict_equals_peft_merge_and_unload(tmp_path, arch):
 ])
 def test_bad_lora_settings_are_config_errors(override, message):
     config = compose_config(['model=tiny', 'loss=tdpo', 'exp_name=x', 'lora.r=4', override])
-    with pytest.raises(train.ConfigError, match=re.escape(message)):
-        train.check_config(config)
+    with pytest.raises(run_config.ConfigError, match=re.escape(message)):
+        run_config.check_config(config, trainers=sharded_trainers.TRAINERS)
 
 
 @pytest.mark.parametrize('targets, message', [('[q_proj,nope]', 'lora: lora.target_modules: no module of LlamaForCausalLM '
@@ -258,8 +261,8 @@ def test_bad_lora_settings_are_config_errors(override, message):
 def test_targets_the_model_cannot_take_are_config_errors(targets, message):
     config = compose_config(['model=tiny', 'loss=tdpo', 'exp_name=x', 'lora.r=4', f'local_dirs=[{CACHE}]',
                              f'lora.target_modules={targets}'])
-    with pytest.raises(train.ConfigError, match=message):
-        train.build_models(config)
+    with pytest.raises(run_config.ConfigError, match=message):
+        models.build_models(config, sharded_trainers.TRAINERS[config.trainer])
 
 
 def test_an_adapter_archive_is_a_clear_config_error(tmp_path):

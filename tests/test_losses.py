@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 import pair_layout
 import trainers
-from trainers import SequenceStats, _get_batch_logps, _tdpo_get_batch_logps, preference_loss, tdpo_loss
+from losses import SequenceStats, get_batch_logps, preference_loss, tdpo_get_batch_logps, tdpo_loss
 
 B, T, V = 3, 7, 11
 
@@ -46,7 +46,7 @@ def naive_stats(logits, reference_logits, labels):
 def test_tdpo_batch_logps_matches_naive_values_and_gradients():
     logits, reference_logits, labels = random_batch()
     logits.requires_grad_(True)
-    got = _tdpo_get_batch_logps(logits, reference_logits, labels)
+    got = tdpo_get_batch_logps(logits, reference_logits, labels)
     want = naive_stats(logits, reference_logits, labels)
     weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     for g, w in zip(got, want):
@@ -60,13 +60,13 @@ def test_tdpo_batch_logps_matches_naive_values_and_gradients():
 
 def test_average_log_prob_is_mean_and_empty_row_is_not_nan():
     logits, reference_logits, labels = random_batch()
-    sums = _tdpo_get_batch_logps(logits, reference_logits, labels)
-    means = _tdpo_get_batch_logps(logits, reference_logits, labels, average_log_prob=True)
+    sums = tdpo_get_batch_logps(logits, reference_logits, labels)
+    means = tdpo_get_batch_logps(logits, reference_logits, labels, average_log_prob=True)
     n_tokens = (labels[:, 1:] != -100).sum(-1)
     for s, m in zip(sums, means):
         assert torch.isfinite(m).all()
         torch.testing.assert_close(m[:2], s[:2] / n_tokens[:2])
-    torch.testing.assert_close(_get_batch_logps(logits, labels, average_log_prob=True), means[2])
+    torch.testing.assert_close(get_batch_logps(logits, labels, average_log_prob=True), means[2])
 
 
 def test_underflowing_reference_probability_gives_no_nan():
@@ -74,7 +74,7 @@ def test_underflowing_reference_probability_gives_no_nan():
     logits = torch.zeros(1, 3, 5, dtype=torch.float32)
     reference_logits = torch.tensor([[[0, -200, 0, 0, 0.]] * 3])
     labels = torch.tensor([[-100, 1, 2]])
-    stats = _tdpo_get_batch_logps(logits, reference_logits, labels)
+    stats = tdpo_get_batch_logps(logits, reference_logits, labels)
     assert all(torch.isfinite(s).all() for s in stats)
     naive_kl = (reference_logits.softmax(-1) * (reference_logits.softmax(-1).log() - logits.log_softmax(-1))).sum(-1)
     assert torch.isnan(naive_kl).any(), 'the hazard this test guards against no longer reproduces'
@@ -82,7 +82,7 @@ def test_underflowing_reference_probability_gives_no_nan():
 
 def test_get_batch_logps_matches_naive():
     logits, reference_logits, labels = random_batch(seed=1)
-    torch.testing.assert_close(_get_batch_logps(logits, labels).double(),
+    torch.testing.assert_close(get_batch_logps(logits, labels).double(),
                                naive_stats(logits, reference_logits, labels)[2], rtol=1e-5, atol=1e-5)
 
 
@@ -192,7 +192,7 @@ def test_forward_kl_fdpo_values_and_gradients():
     {'name': 'ipo', 'beta': 0.1}])
 def test_policy_equal_to_reference_gives_zero_kl_and_log2(loss):
     logits, _, labels = random_batch(seed=4, b=4)
-    stats = SequenceStats(*_tdpo_get_batch_logps(logits, logits.clone(), labels))
+    stats = SequenceStats(*tdpo_get_batch_logps(logits, logits.clone(), labels))
     assert torch.all(stats.position_kl.abs() < 1e-12) and torch.all(stats.logps_margin.abs() < 1e-12)
     half = lambda s: SequenceStats(*(x[:2] for x in s))
     other = lambda s: SequenceStats(*(x[2:] for x in s))
@@ -225,3 +225,14 @@ def test_concatenated_inputs_pads_and_stacks():
     assert out['concatenated_input_ids'].tolist() == [[1, 2, 3, 0, 0], [1, 4, 5, 6, 7]]
     assert out['concatenated_attention_mask'].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert out['concatenated_labels'].tolist() == [[-100, 2, 3, -100, -100], [-100, 4, 5, 6, 7]]
+
+
+def test_the_reference_codes_import_paths_still_work():
+    """Its scripts and users import the loss math from trainers and the data from preference_datasets."""
+    import preference_datasets
+    import trainers
+    import losses
+    assert trainers.tdpo_loss is losses.tdpo_loss and trainers.preference_loss is losses.preference_loss
+    assert trainers._tdpo_get_batch_logps is losses.tdpo_get_batch_logps
+    assert trainers._get_batch_logps is losses.get_batch_logps
+    assert callable(preference_datasets.get_dataset) and callable(preference_datasets.batch_iterator)

@@ -1,4 +1,4 @@
-"""pair_layout (issue 12): the shared and packed layouts against padded.
+"""pair_layout: the shared and packed layouts against padded.
 
 Without a model: every token lands where padded has it, at the same position, and sees exactly the keys it
 sees there (checked against sets built from the padded sequences); the FlexAttention block mask attends as

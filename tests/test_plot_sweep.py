@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import checkpoints
+
 from tests.conftest import ROOT
 
 spec = importlib.util.spec_from_file_location('plot_sweep', os.path.join(ROOT, 'demo', 'plot_sweep.py'))
@@ -36,9 +38,10 @@ def write_run(root, name, loss_yaml, index):
         (directory / 'eval.json').write_text(json.dumps({
             'examples_seen': seen, 'kl': kl, 'kl_stderr': 0.1, 'policy_reward': 0.3 + 0.01 * kl,
             'policy_reward_stderr': 0.05, 'reference_reward': 0.25}))
+        checkpoints.write_manifest(str(directory / 'eval.json.manifest.json'), [str(directory / 'eval.json')])  # as evaluate.py
 
 
-def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path):
+def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path, capsys):
     runs_dir = tmp_path / 'runs'
     for index, (name, loss) in enumerate(LOSSES.items()):
         write_run(runs_dir, name, loss, index)
@@ -71,6 +74,13 @@ def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path):
     assert table.count('\n| ') == 5 and 'TDPO2 (α=0.5) | 0.5' in table and 'sft' not in table
     # the held-out columns carry their standard errors and n: SeqKL chosen, rejected, |margin|, pair accuracy
     assert table.count(' | 1.00 ± 0.12 | 2.00 ± 0.25 | 1.00 ± 0.06 | 0.75 ± 0.19 | 12 |') == 5, table
+
+    # a truncated eval.json is left out with one line naming it; the others stay
+    damaged = runs_dir / 'dpo_beta0.1' / 'step-8' / 'eval.json'
+    damaged.write_text(damaged.read_text()[:10])
+    runs = plot_sweep.find_runs([str(runs_dir)])
+    assert f'plot_sweep: leaving out {damaged}: damaged (eval.json is 10 bytes' in capsys.readouterr().out
+    assert [len(r['evals']) for r in runs if r['name'] == 'dpo_beta0.1'] == [1]
 
 
 def test_plot_sweep_without_runs_says_so(tmp_path):

@@ -171,16 +171,16 @@ def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path, monkey
 def test_resume_finds_the_checkpoint_of_a_set_local_run_dir_with_interpolations(tmp_path):
     """A sweep names each run's directory from its overrides (local_run_dir=runs/beta${loss.beta}); resume=true
     must continue that directory, not look for the newest timestamped <exp_name>_* one."""
-    import train
+    import run_dirs
     from helpers import compose_config
     run_dir = tmp_path / 'runs' / 'dpo_beta0.5'
-    checkpoints.save(str(run_dir / 'step-8'), 8, {}, {'example_counter': 8})
+    checkpoints.save(str(run_dir / 'step-8'), 8, {'optimizer.pt': {}}, {'example_counter': 8})
     base = ['exp_name=never_used', 'loss=dpo', 'loss.beta=0.5', 'resume=true', f'local_dirs=[{tmp_path / "scratch"}]']
     config = compose_config(base + [f"local_run_dir='{tmp_path}/runs/dpo_beta${{loss.beta}}'"])
-    train.resume_run_dir(config)
-    assert config.local_run_dir == str(run_dir) and train.choose_checkpoint(config) == str(run_dir / 'step-8')
+    run_dirs.resume_run_dir(config)
+    assert config.local_run_dir == str(run_dir) and run_dirs.choose_checkpoint(config) == str(run_dir / 'step-8')
     config = compose_config(base)  # the default: a new timestamped directory, none to continue
-    train.resume_run_dir(config)
+    run_dirs.resume_run_dir(config)
     assert os.path.dirname(config.local_run_dir) == str(tmp_path / 'scratch' / getpass.getuser())
 
 

@@ -1,4 +1,4 @@
-"""token_stats (issue 4) against the reference-compatible `trainers._tdpo_get_batch_logps` + `tdpo_loss`:
+"""token_stats against the reference-compatible `losses.tdpo_get_batch_logps` + `tdpo_loss`:
 values and gradients of the chunked (logits) and fused (hidden states + output embedding) paths, with
 masking, empty responses, chunk sizes that do not divide the row count, bf16 logits, tied weights,
 compiled and eager chunk math; and the bytes autograd keeps for backward."""
@@ -7,7 +7,7 @@ import torch
 
 import token_stats
 from token_stats import chunked_sequence_stats, fused_sequence_stats
-from trainers import _tdpo_get_batch_logps, tdpo_loss
+from losses import tdpo_get_batch_logps, tdpo_loss
 
 B, T, V, H = 6, 11, 37, 8
 
@@ -62,7 +62,7 @@ def assert_close(actual, expected, atol=2e-5, rtol=2e-5):
 def test_chunked_matches_naive(chunk_rows, compile_mode):
     hidden, weight, ref_hidden, ref_weight, labels = make_inputs()
     logits, ref_logits, w = hidden @ weight.T, ref_hidden @ ref_weight.T, upstream()
-    expected, (expected_grad,) = grads_of(lambda z: _tdpo_get_batch_logps(z, ref_logits, labels), [logits], w)
+    expected, (expected_grad,) = grads_of(lambda z: tdpo_get_batch_logps(z, ref_logits, labels), [logits], w)
     actual, (grad,) = grads_of(lambda z: chunked_sequence_stats(z, ref_logits, labels, chunk_rows), [logits], w)
     assert_close(actual, expected, atol=1e-4)
     assert_close([grad], [expected_grad])
@@ -75,7 +75,7 @@ def test_fused_matches_naive(chunk_rows, compile_mode):
     hidden, weight, ref_hidden, ref_weight, labels = make_inputs(seed=2)
     w = upstream(3)
     expected, expected_grads = grads_of(
-        lambda h, wt: _tdpo_get_batch_logps(h @ wt.T, ref_hidden @ ref_weight.T, labels), [hidden, weight], w)
+        lambda h, wt: tdpo_get_batch_logps(h @ wt.T, ref_hidden @ ref_weight.T, labels), [hidden, weight], w)
     actual, grads = grads_of(
         lambda h, wt: fused_sequence_stats(h, wt, ref_hidden, ref_weight, labels, chunk_rows), [hidden, weight], w)
     assert_close(actual, expected, atol=1e-4)
@@ -110,12 +110,12 @@ def test_tdpo_loss_end_to_end(if_tdpo2):
         return [value.detach(), chosen, rejected], [x.grad for x in leaves]
 
     ref_logits = ref_hidden @ ref_weight.T
-    expected, expected_grads = run(lambda h, wt: _tdpo_get_batch_logps(h @ wt.T, ref_logits, labels), [hidden, weight])
+    expected, expected_grads = run(lambda h, wt: tdpo_get_batch_logps(h @ wt.T, ref_logits, labels), [hidden, weight])
     fused, fused_grads = run(lambda h, wt: fused_sequence_stats(h, wt, ref_hidden, ref_weight, labels, 4), [hidden, weight])
     assert_close(fused, expected, atol=1e-5)
     assert_close(fused_grads, expected_grads, atol=1e-6)
     logits = hidden @ weight.T
-    naive_value, (naive_grad,) = run(lambda z: _tdpo_get_batch_logps(z, ref_logits, labels), [logits])
+    naive_value, (naive_grad,) = run(lambda z: tdpo_get_batch_logps(z, ref_logits, labels), [logits])
     chunked_value, (chunked_grad,) = run(lambda z: chunked_sequence_stats(z, ref_logits, labels, 3), [logits])
     assert_close(chunked_value, naive_value, atol=1e-5)
     assert_close([chunked_grad], [naive_grad], atol=1e-7)
@@ -126,7 +126,7 @@ def test_tdpo_loss_end_to_end(if_tdpo2):
 def test_half_precision_logits(dtype):
     hidden, weight, ref_hidden, ref_weight, labels = make_inputs(seed=5)
     logits, ref_logits, w = (hidden @ weight.T).to(dtype), (ref_hidden @ ref_weight.T).to(dtype), upstream()
-    expected, (expected_grad,) = grads_of(lambda z: _tdpo_get_batch_logps(z, ref_logits, labels), [logits], w)
+    expected, (expected_grad,) = grads_of(lambda z: tdpo_get_batch_logps(z, ref_logits, labels), [logits], w)
     actual, (grad,) = grads_of(lambda z: chunked_sequence_stats(z, ref_logits, labels, 5), [logits], w)
     assert all(a.dtype == torch.float32 for a in actual) and grad.dtype == dtype
     assert_close(actual, expected, atol=1e-4)       # same low-precision inputs, float32 math
@@ -137,7 +137,7 @@ def test_fused_bf16_matches_naive_on_bf16_logits():
     hidden, weight, ref_hidden, ref_weight, labels = (x.bfloat16() if x.is_floating_point() else x for x in make_inputs(6))
     w = upstream()
     expected, expected_grads = grads_of(
-        lambda h, wt: _tdpo_get_batch_logps(h @ wt.T, ref_hidden @ ref_weight.T, labels), [hidden, weight], w)
+        lambda h, wt: tdpo_get_batch_logps(h @ wt.T, ref_hidden @ ref_weight.T, labels), [hidden, weight], w)
     actual, grads = grads_of(
         lambda h, wt: fused_sequence_stats(h, wt, ref_hidden, ref_weight, labels, 4), [hidden, weight], w)
     assert_close(actual, expected, atol=0.1, rtol=1e-2)      # matmul blocking may round differently
@@ -161,7 +161,7 @@ def test_tied_weights():
         linear_loss(stats, upstream(8)).backward()
         return [s.detach() for s in stats], embedding.grad
 
-    expected, expected_grad = run(lambda h, e: _tdpo_get_batch_logps(h @ e.T, ref_hidden @ embedding0.T, labels))
+    expected, expected_grad = run(lambda h, e: tdpo_get_batch_logps(h @ e.T, ref_hidden @ embedding0.T, labels))
     actual, grad = run(lambda h, e: fused_sequence_stats(h, e, ref_hidden, embedding0, labels, 3))
     assert_close(actual, expected, atol=1e-4)
     assert_close([grad], [expected_grad], atol=5e-5)
@@ -202,7 +202,7 @@ def test_saved_memory_is_per_row_not_per_vocab():
     logits = torch.randn(batch, length, vocab, generator=g, requires_grad=True)
     ref_logits = torch.randn(batch, length, vocab, generator=g)
     full = logits.numel() * 4
-    naive = saved_bytes(_tdpo_get_batch_logps, logits, ref_logits, labels)
+    naive = saved_bytes(tdpo_get_batch_logps, logits, ref_logits, labels)
     chunked = saved_bytes(chunked_sequence_stats, logits, ref_logits, labels, 32)
     assert naive > 1.5 * full          # the reference keeps float32 (B, T, V) tensors for backward
     assert chunked < 64 * batch * length  # only per-row scalars and indices (a few bytes per row)
@@ -242,7 +242,7 @@ def test_hf_model_helpers():
 
 
 def test_fused_stats_place_tensors_of_a_model_split_over_devices(monkeypatch):
-    """Issue 14: BasicTrainer on several GPUs splits each model over them (device_map='balanced'): the final
+    """BasicTrainer on several GPUs splits each model over them (device_map='balanced'): the final
     hidden states come out on the GPU of the last block, while the labels and a tied output layer sit on
     the first, and the reference's layer may sit on yet another. FakeTensorMode pretends numbered devices
     on a CPU (shapes and devices, no values; 'meta:N', since a CPU build of torch cannot index pretended

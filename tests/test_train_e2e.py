@@ -90,7 +90,7 @@ def test_debug_mode_writes_no_checkpoint_and_no_wandb(tmp_path):
     run_dir = str(tmp_path / 'run')
     run_train([*SMALL, 'loss=sft', f'datasets=[{data}]', 'exp_name=dbg', f'local_run_dir={run_dir}', 'n_examples=4',
                'debug=true', 'n_eval_examples=0'], tmp_path)
-    assert sorted(os.listdir(run_dir)) == ['.lock', 'config.yaml', 'metrics.jsonl']
+    assert sorted(os.listdir(run_dir)) == ['.lock', 'config.yaml', 'metrics.jsonl', 'run.json']
 
 
 @pytest.mark.parametrize('args, message', [
@@ -133,7 +133,7 @@ def test_fewer_examples_than_one_batch_is_a_data_error(tmp_path):
 
 
 def test_fsdp_bfloat16_run_starts_with_zero_kl_and_log2(tmp_path):
-    """Issue 14: under FSDPTrainer with bfloat16 mixed precision the policy computes in bfloat16, and the
+    """Under FSDPTrainer with bfloat16 mixed precision the policy computes in bfloat16, and the
     default reference precision (model.reference_dtype=null) follows it, so a run starting from policy ==
     reference logs SeqKL 0 and loss log 2 at its first evaluation (a float16 or float32 reference does not:
     tests/test_trainer.py). initializer_range=0.3: logits of a trained model's size."""

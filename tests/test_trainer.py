@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import losses
 import pair_layout
 import sharded_trainers
 import token_stats
@@ -21,7 +22,7 @@ def test_concatenated_forward_equals_separate_forwards(tmp_path):
         chosen, rejected = trainer.concatenated_forward(batch)
         for kind, stats in (('chosen', chosen), ('rejected', rejected)):
             ids, mask, labels = (batch[f'{kind}_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
-            want = trainers._tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
+            want = losses.tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
                                                   trainer.reference_model(ids, attention_mask=mask).logits, labels)
             for got, expected in zip(stats, want):
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -93,7 +94,7 @@ def test_named_eval_files_are_used_whole_and_so_are_training_files(tmp_path):
     assert 0 < len(held_out.eval_examples) < 48 and len(held_out.train_examples) + len(held_out.eval_examples) == 48
 
 
-# ---- issue 14: the fused statistics check themselves; the reference computes as the policy does ----
+# ---- the fused statistics check themselves; the reference computes as the policy does ----
 
 def scale_logits(model, factor):
     """Make `model` a subclass whose forward multiplies its logits by `factor`: its config and output layer
@@ -115,7 +116,7 @@ def test_fused_stats_check_falls_back_to_chunked_when_the_forward_scales_logits(
     inputs = pair_layout.concatenated_inputs(batch)
     ids, mask, labels = (inputs[f'concatenated_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
     with torch.no_grad():  # what the run must compute: the statistics of the models' own logits
-        want = trainers._tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
+        want = losses.tdpo_get_batch_logps(trainer.policy(ids, attention_mask=mask).logits,
                                               trainer.reference_model(ids, attention_mask=mask).logits, labels)
         unchecked, _ = trainer.concatenated_forward(batch)  # the fused path unchecked: wrong statistics
         assert not torch.allclose(unchecked.position_kl, want[1][:4], rtol=1e-2)
