@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,22 +50,53 @@ def test_llama_1b_shape_has_its_size():
         assert bench.model_flops_per_step(model, 8, 1024) == hand_count(8, 1024, 2048, 8192, 16, 32, 8, 64, vocab)
 
 
-def test_peak_of_device_names():
-    assert bench.peak_tflops('NVIDIA H100 80GB HBM3') == 989.0
-    assert bench.peak_tflops('NVIDIA H100 PCIe') == 756.0
-    assert bench.peak_tflops('NVIDIA H200') == 989.0
-    assert bench.peak_tflops('NVIDIA A100-SXM4-80GB') == 312.0
-    assert bench.peak_tflops('Tesla T4') is None
+# The dense bf16 tensor-core peak from each chip's own figures (NVIDIA's H100 and A100 architecture white
+# papers): SMs x bf16 FLOPs per clock per SM (dense, no sparsity; a multiply-add is 2) x boost clock (GHz).
+# Hopper's SM does 4 tensor cores x 512 bf16 multiply-adds per clock = 4096 FLOPs, Ampere's 4 x 256 = 2048.
+CHIPS = {'NVIDIA H100 80GB HBM3': (132, 4096, 1.830),  # H100 SXM5
+         'NVIDIA H100 PCIe': (114, 4096, 1.620),
+         'NVIDIA H200': (132, 4096, 1.830),            # the H100 SXM5's GH100 with more memory
+         'NVIDIA A100-SXM4-80GB': (108, 2048, 1.410),
+         'NVIDIA A100 80GB PCIe': (108, 2048, 1.410)}
+
+
+@pytest.mark.parametrize('name', list(CHIPS))
+def test_peak_of_device_names(name):
+    sms, flops_per_clock, ghz = CHIPS[name]
+    assert bench.peak_tflops(name) == pytest.approx(sms * flops_per_clock * ghz * 1e9 / 1e12, abs=0.5)
+
+
+def test_peak_of_a_device_name_is_its_most_specific_entry():
+    """Names are matched by substring ('H100' is in 'H100 PCIe'): every entry, inside a device name, gives its
+    own peak, not a shorter entry's, whatever the table's order; unknown devices give None."""
+    for key, tflops in bench.PEAK_BF16_TFLOPS.items():
+        for name in (f'NVIDIA {key}', f'NVIDIA {key} 94GB'):
+            longest = max((k for k in bench.PEAK_BF16_TFLOPS if k in name), key=len)
+            assert longest == key, (name, longest)
+            assert bench.peak_tflops(name) == tflops, name
+    assert bench.peak_tflops('NVIDIA H100 NVL') != bench.peak_tflops('NVIDIA H100 80GB HBM3')
+    for unknown in ('Tesla T4', 'NVIDIA A10', 'NVIDIA GeForce RTX 4090', 'cpu'):
+        assert bench.peak_tflops(unknown) is None, unknown
 
 
 def test_worker_reports_mfu_of_its_model_flops_and_step_time():
+    """MFU = model FLOPs per second / peak: from the hand count and the median of the step times the worker
+    reports, and at least what the hand count over the whole subprocess's wall time (an upper bound of each
+    step's time) gives."""
     cmd = [sys.executable, os.path.join(ROOT, 'bench', 'bench_tdpo_step.py'), '--worker', 'fused:512', '--layers', '1',
-           '--batch', '2', '--length', '16', '--prompt-length', '4', '--steps', '1', '--warmup', '0', '--threads', '1',
+           '--batch', '2', '--length', '16', '--prompt-length', '4', '--steps', '3', '--warmup', '0', '--threads', '1',
            '--dtype', 'fp32', '--peak-tflops', '0.5']
+    start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env=dict(os.environ, TOKEN_STATS_COMPILE='0'))
+    wall = time.perf_counter() - start
     line = next((l for l in proc.stdout.splitlines() if l.startswith('RESULT ')), None)
     assert line, proc.stderr[-3000:]
     result = json.loads(line[len('RESULT '):])
-    assert result['flops_per_step'] == hand_count(2, 16, 576, 1536, 1, 9, 3, 64, 512)
-    assert result['mfu'] == pytest.approx(result['flops_per_step'] / result['step_s'] / 0.5e12, rel=1e-9)
+    flops = hand_count(2, 16, 576, 1536, 1, 9, 3, 64, 512)
+    assert result['flops_per_step'] == flops
+    times = result['times_s']
+    assert len(times) == 3 and all(0 < t < wall for t in times)
+    median = sorted(times)[1]
+    assert result['mfu'] == pytest.approx(flops / median / 0.5e12, rel=1e-9)
+    assert flops / wall / 0.5e12 <= result['mfu']

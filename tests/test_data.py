@@ -70,23 +70,44 @@ def hh_splits(raw_rows, tokenizer):
     train = get_dataset(HH_SAMPLE, 'train', tokenizer, eval_fraction=0.2)
     test = get_dataset(HH_SAMPLE, 'test', tokenizer, eval_fraction=0.2)
     expected = [expected_split(r) for r in raw_rows]
-    prefill_ids(tokenizer, [t for triple in expected for t in triple])
+    prefill_ids(tokenizer, [(p, r) for p, c, rj in expected for r in (c, rj)])
     return train, test, expected
 
 
-_IDS = {}
+_SPLITS = {}
 
 
-def ids(tokenizer, text):
-    """Plain-text token ids (special-token text is not special), straight from the tokenizer (memoized)."""
-    if text not in _IDS:
-        _IDS[text] = tokenizer(text, add_special_tokens=False, split_special_tokens=True)['input_ids']
-    return list(_IDS[text])
+def split_ids(tokenizer, prompt, response):
+    """(prompt ids, response ids) cut from ONE tokenization of the whole text prompt + response, where its
+    tokens' character offsets reach the prompt's end (memoized). Not the code's call (it tokenizes prompt and
+    response separately): the cut must fall on a token boundary, each side must decode to its own text, and
+    plain text must give no special-token id (text like '<|im_end|>' is data)."""
+    if (prompt, response) not in _SPLITS:
+        prefill_ids(tokenizer, [(prompt, response)])
+    whole, k = _SPLITS[(prompt, response)]
+    return list(whole[:k]), list(whole[k:])
 
 
-def prefill_ids(tokenizer, texts):
-    texts = sorted(set(texts) - set(_IDS))
-    _IDS.update(zip(texts, tokenizer(texts, add_special_tokens=False, split_special_tokens=True)['input_ids']))
+def prefill_ids(tokenizer, pairs):
+    pairs = sorted(set(pairs) - set(_SPLITS))
+    if not pairs:
+        return
+    encoded = tokenizer([p + r for p, r in pairs], add_special_tokens=False, split_special_tokens=True,
+                        return_offsets_mapping=True)
+    specials = set(tokenizer.all_special_ids)
+    for (prompt, response), whole, offsets in zip(pairs, encoded['input_ids'], encoded['offset_mapping']):
+        k = sum(start < len(prompt) for start, _ in offsets)
+        assert tokenizer.decode(whole[:k]) == prompt and tokenizer.decode(whole[k:]) == response, (prompt, response)
+        assert not specials & set(whole), (prompt, response)
+        _SPLITS[(prompt, response)] = (whole, k)
+
+
+def pair_ids(tokenizer, prompt, chosen, rejected, eos):
+    """(prompt ids, [chosen ids + EOS, rejected ids + EOS]) from the whole texts; the prompt cuts the same from both."""
+    p, c = split_ids(tokenizer, prompt, chosen)
+    p2, r = split_ids(tokenizer, prompt, rejected)
+    assert p == p2
+    return p, [c + [eos], r + [eos]]
 
 
 def triples(data):
@@ -221,9 +242,9 @@ def test_tokenize_untruncated_real_rows(tokenizer, hh_splits):
     assert example_triples(examples) == triples(train)        # chosen/rejected paired as in the rows
     for e in examples:
         assert e.prompt in train
-        assert e.prompt_ids == ids(tokenizer, e.prompt)
-        assert e.chosen_ids == ids(tokenizer, e.chosen) + [eos]
-        assert e.rejected_ids == ids(tokenizer, e.rejected) + [eos]
+        p, rs = pair_ids(tokenizer, e.prompt, e.chosen, e.rejected, eos)
+        assert e.prompt_ids == p
+        assert [e.chosen_ids, e.rejected_ids] == rs
         assert eos not in e.prompt_ids
     sample = examples[:50]
     assert all(tokenizer.decode(e.prompt_ids + e.chosen_ids[:-1]) == e.prompt + e.chosen for e in sample)
@@ -240,8 +261,7 @@ def test_keep_end_truncation_of_real_dialogues(tokenizer, hh_splits, max_length,
     assert example_triples(examples) == triples(train)
     seen = Counter()
     for e in examples:
-        p = ids(tokenizer, e.prompt)
-        rs = [ids(tokenizer, e.chosen) + [eos], ids(tokenizer, e.rejected) + [eos]]
+        p, rs = pair_ids(tokenizer, e.prompt, e.chosen, e.rejected, eos)
         longest = max(map(len, rs))
         got = [e.chosen_ids, e.rejected_ids]
         assert len(e.prompt_ids) + max(map(len, got)) <= max_length
@@ -279,8 +299,7 @@ def test_keep_start_truncation_of_explicit_rows(tokenizer, raw_rows, tmp_path):
     examples = tokenize_dataset(data, tokenizer, max_length, max_prompt_length, sft_mode=False, silent=True)
     n_cut = 0
     for e in examples:
-        p = ids(tokenizer, e.prompt)
-        rs = [ids(tokenizer, e.chosen) + [eos], ids(tokenizer, e.rejected) + [eos]]
+        p, rs = pair_ids(tokenizer, e.prompt, e.chosen, e.rejected, eos)
         if len(p) + max(map(len, rs)) > max_length:
             n_cut += len(p) > max_prompt_length
             assert e.prompt_ids == p[:max_prompt_length]
@@ -302,7 +321,8 @@ def test_sft_mode_one_example_per_prompt(tokenizer, hh_splits):
     for e in examples:
         assert e.rejected is None and e.rejected_ids is None
         assert e.chosen == last_chosen[e.prompt]
-        assert e.prompt_ids == ids(tokenizer, e.prompt) and e.chosen_ids == ids(tokenizer, e.chosen) + [eos]
+        p, c = split_ids(tokenizer, e.prompt, e.chosen)
+        assert e.prompt_ids == p and e.chosen_ids == c + [eos]
     batch = collate(examples[:40], pad)
     check_batch(batch, examples[:40], pad, ('chosen',))
     assert not any(k.startswith('rejected') for k in batch)
@@ -377,6 +397,34 @@ def test_local_explicit_string_rows(tokenizer):
             'truncation_mode': 'keep_start'}}
 
 
+def spelled_ids(tokenizer, text, spelled):
+    """Ids of a hand-written byte-level BPE spelling (Ġ a space, Ċ a newline), looked up in the vocabulary."""
+    assert ''.join(spelled).replace('Ġ', ' ').replace('Ċ', '\n') == text
+    ids = tokenizer.convert_tokens_to_ids(spelled)
+    assert tokenizer.unk_token_id not in ids
+    return ids
+
+
+def test_token_ids_of_rows_by_hand(tokenizer, tmp_path):
+    """Prompt and responses tokenized separately, as plain text, no BOS, one EOS after each response: the ids
+    of hand-written spellings, not of a tokenizer call."""
+    eos = tokenizer.eos_token_id
+    data = get_dataset(os.path.join(FIXTURES, 'explicit_rows.json'), 'train', tokenizer, eval_fraction=0.0)
+    e = next(e for e in tokenize_dataset(data, tokenizer, 512, 256, sft_mode=False, silent=True)
+             if e.prompt == 'Translate to French: cat\n')
+    assert e.prompt_ids == spelled_ids(tokenizer, e.prompt, ['Trans', 'late', 'Ġto', 'ĠFrench', ':', 'Ġcat', 'Ċ'])
+    assert e.chosen_ids == spelled_ids(tokenizer, 'chat', ['chat']) + [eos]
+    assert e.rejected_ids == spelled_ids(tokenizer, 'chien', ['ch', 'ien']) + [eos]
+    path = write_lines(tmp_path / 'eos.jsonl', [json.dumps({'prompt': 'Say <|im_end|> twice:', 'chosen': ' Paris.',
+                                                            'rejected': ' <|im_end|>'})])
+    e, = tokenize_dataset(get_dataset(path, 'train', tokenizer, eval_fraction=0.0), tokenizer, 512, 256,
+                          sft_mode=False, silent=True)
+    im_end = ['<', '|', 'im', '_', 'end', '|', '>']   # the text of the EOS token, spelled as text
+    assert e.prompt_ids == spelled_ids(tokenizer, e.prompt, ['Say', 'Ġ' + im_end[0], *im_end[1:], 'Ġtwice', ':'])
+    assert e.chosen_ids == spelled_ids(tokenizer, ' Paris.', ['ĠParis', '.']) + [eos]
+    assert e.rejected_ids == spelled_ids(tokenizer, ' <|im_end|>', ['Ġ' + im_end[0], *im_end[1:]]) + [eos]
+
+
 def test_local_chat_message_rows(tokenizer):
     data = get_dataset(os.path.join(FIXTURES, 'chat_rows.jsonl'), 'train', tokenizer, eval_fraction=0.0)
     assert len(data) == 2
@@ -397,8 +445,11 @@ def test_local_chat_message_rows(tokenizer):
     # the response is trained with exactly one end-of-turn token (the template's, which is EOS here), and the
     # prompt is tokenized as at inference: the template's special tokens are special
     examples = tokenize_dataset(data, tokenizer, 512, 256, sft_mode=False, silent=True)
+    by_hand = {'4': ['4'], '5': ['5'], 'Blue.': ['Blue', '.'], 'I cannot answer that.': ['I', 'Ġcannot', 'Ġanswer', 'Ġthat', '.']}
     for e in examples:
-        assert e.chosen_ids == ids(tokenizer, e.chosen) + [tokenizer.eos_token_id]
+        spelled = by_hand[e.chosen]   # byte-level BPE spelling: Ġ is a space
+        assert ''.join(spelled).replace('Ġ', ' ') == e.chosen
+        assert e.chosen_ids == tokenizer.convert_tokens_to_ids(spelled) + [tokenizer.eos_token_id]
         assert e.chosen_ids.count(tokenizer.eos_token_id) == 1
         assert e.prompt_ids == tokenizer(e.prompt, add_special_tokens=False)['input_ids']
 

@@ -205,13 +205,49 @@ def test_policy_equal_to_reference_gives_zero_kl_and_log2(loss):
 
 
 def test_build_preference_loss_routes_stats_to_the_right_formula():
-    g = torch.Generator().manual_seed(5)
-    w, l = (SequenceStats(*(torch.randn(3, generator=g) for _ in range(3))) for _ in range(2))
-    tdpo = trainers.build_preference_loss(OmegaConf.create({'name': 'tdpo', 'beta': 0.2, 'alpha': 0.3, 'if_tdpo2': True}))
-    torch.testing.assert_close(tdpo(w, l)[0], tdpo_loss(w.logps_margin, l.logps_margin, w.position_kl, l.position_kl, 0.2, 0.3, True)[0])
-    dpo = trainers.build_preference_loss(OmegaConf.create({'name': 'dpo', 'beta': 0.2, 'label_smoothing': 0.1, 'reference_free': False}))
-    ref_w, ref_l = w.logps - w.logps_margin, l.logps - l.logps_margin
-    torch.testing.assert_close(dpo(w, l)[0], preference_loss(w.logps, l.logps, ref_w, ref_l, 0.2, 0.1)[0])
+    """Each loss built from its config, on statistics made from hand-picked log-probabilities, against the
+    loss worked out by hand from the papers' equations (not from the functions it routes to).
+
+    pair 0: log πθ(y_w) = -3, log π_ref(y_w) = -4, SeqKL_w = 0.2; log πθ(y_l) = -5, log π_ref(y_l) = -4.5, SeqKL_l = 0.6
+    pair 1: log πθ(y_w) = -2, log π_ref(y_w) = -1.5, SeqKL_w = 0.9; log πθ(y_l) = -6, log π_ref(y_l) = -7, SeqKL_l = 0.1
+    so the log ratios are 1, -0.5 (pair 0) and -0.5, 1 (pair 1): u = 1.5 and -1.5, SeqKL_l - SeqKL_w = 0.4 and -0.8."""
+    policy_w, reference_w, kl_w = [-3.0, -2.0], [-4.0, -1.5], [0.2, 0.9]
+    policy_l, reference_l, kl_l = [-5.0, -6.0], [-4.5, -7.0], [0.6, 0.1]
+    stats = lambda policy, reference, kl: SequenceStats(
+        logps_margin=torch.tensor(policy, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64),
+        position_kl=torch.tensor(kl, dtype=torch.float64), logps=torch.tensor(policy, dtype=torch.float64))
+    w, l = stats(policy_w, reference_w, kl_w), stats(policy_l, reference_l, kl_l)
+    minus_log_sigmoid = lambda z: math.log1p(math.exp(-z))
+    beta = 0.2
+
+    def check(config, want_losses, want_chosen, want_rejected):
+        losses, chosen_rewards, rejected_rewards = trainers.build_preference_loss(OmegaConf.create(config))(w, l)
+        for got, want in ((losses, want_losses), (chosen_rewards, want_chosen), (rejected_rewards, want_rejected)):
+            torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+    # TDPO2 (Eq. 20), alpha 0.3: z = β(u − α(SeqKL_l − SeqKL_w)) = 0.2(1.5 − 0.12) = 0.276, 0.2(−1.5 + 0.24) = −0.252
+    # rewards β(log ratio + SeqKL): chosen 0.2(1 + 0.2), 0.2(−0.5 + 0.9); rejected 0.2(−0.5 + 0.6), 0.2(1 + 0.1)
+    tdpo_rewards = [0.24, 0.08], [0.02, 0.22]
+    check({'name': 'tdpo', 'beta': beta, 'alpha': 0.3, 'if_tdpo2': True},
+          [minus_log_sigmoid(0.276), minus_log_sigmoid(-0.252)], *tdpo_rewards)
+    # TDPO1 (Eq. 18): z = β(u − (SeqKL_l − SeqKL_w)) = 0.2(1.5 − 0.4) = 0.22, 0.2(−1.5 + 0.8) = −0.14 (alpha unused)
+    check({'name': 'tdpo', 'beta': beta, 'alpha': 0.3, 'if_tdpo2': False},
+          [minus_log_sigmoid(0.22), minus_log_sigmoid(-0.14)], *tdpo_rewards)
+    # DPO (Eq. 7) with label smoothing 0.1: z = β·u = 0.3, −0.3; loss −0.9 log σ(z) − 0.1 log σ(−z); rewards β·log ratio
+    dpo_rewards = [0.2, -0.1], [-0.1, 0.2]
+    check({'name': 'dpo', 'beta': beta, 'label_smoothing': 0.1, 'reference_free': False},
+          [0.9 * minus_log_sigmoid(0.3) + 0.1 * minus_log_sigmoid(-0.3),
+           0.9 * minus_log_sigmoid(-0.3) + 0.1 * minus_log_sigmoid(0.3)], *dpo_rewards)
+    # reference-free DPO: z = β(log πθ(y_w) − log πθ(y_l)) = 0.2(−3 + 5) = 0.4, 0.2(−2 + 6) = 0.8
+    check({'name': 'dpo', 'beta': beta, 'reference_free': True},
+          [minus_log_sigmoid(0.4), minus_log_sigmoid(0.8)], *dpo_rewards)
+    # IPO (Azar et al., Eq. 17): (u − 1/(2β))² = (1.5 − 2.5)², (−1.5 − 2.5)²
+    check({'name': 'ipo', 'beta': beta}, [1.0, 16.0], *dpo_rewards)
+    # f-DPO, forward KL: reward −β·π_ref/πθ = −0.2·e^(−log ratio); loss −log σ(r_w − r_l)
+    r = lambda log_ratio: -beta * math.exp(-log_ratio)
+    check({'name': 'dpo', 'beta': beta, 'divergence': 'forward_kl'},
+          [minus_log_sigmoid(r(1.0) - r(-0.5)), minus_log_sigmoid(r(-0.5) - r(1.0))],
+          [r(1.0), r(-0.5)], [r(-0.5), r(1.0)])
     with pytest.raises(ValueError, match='valid'):
         trainers.build_preference_loss(OmegaConf.create({'name': 'nope', 'beta': 1}))
 

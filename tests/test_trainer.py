@@ -46,23 +46,67 @@ def test_batch_of_4_equals_2_accumulation_steps_of_2(tmp_path, loss):
         torch.testing.assert_close(after_1[k], after_2[k], rtol=1e-4, atol=1e-5)
 
 
+def naive_sequence_stats(policy_logits, reference_logits, labels):
+    """(Σ_t log πθ(y_t) − log π_ref(y_t), SeqKL = Σ_t KL(π_ref ‖ πθ), Σ_t log πθ(y_t)) of each sequence, in float64,
+    position by position with an explicit softmax over the vocabulary (TDPO, Eqs. 14, 18)."""
+    out = []
+    for b in range(labels.shape[0]):
+        margin = kl = logp = 0.0
+        for t in range(labels.shape[1] - 1):
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            p = policy_logits[b, t].double().exp() / policy_logits[b, t].double().exp().sum()
+            q = reference_logits[b, t].double().exp() / reference_logits[b, t].double().exp().sum()
+            margin += (p[y].log() - q[y].log()).item()
+            kl += (q * (q.log() - p.log())).sum().item()
+            logp += p[y].log().item()
+        out.append((margin, kl, logp))
+    return out
+
+
 @pytest.mark.parametrize('loss', ['tdpo', 'dpo', 'ipo'])
 def test_preference_losses_log_reference_metric_names(tmp_path, loss):
+    """The metrics against the papers' formulas on statistics computed here, in float64, from separate
+    forwards of the policy and the reference on the chosen and on the rejected sequences."""
     trainer = make_trainer(tmp_path, loss=loss)
     batch = next(iter(trainer.train_batches()))
     with torch.no_grad():
         mean_loss, metrics = trainer.get_batch_metrics(batch, train=True)
-        chosen, rejected = trainer.concatenated_forward(batch)
+        naive = {}
+        for kind in ('chosen', 'rejected'):
+            ids, mask, labels = (batch[f'{kind}_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
+            naive[kind] = naive_sequence_stats(trainer.policy(ids, attention_mask=mask).logits,
+                                               trainer.reference_model(ids, attention_mask=mask).logits, labels)
     expected = {f'{group}_train/{name}' for group, names in (('rewards', ('chosen', 'rejected', 'accuracies', 'margins')),
                                                              ('kl', ('chosen', 'rejected', 'margin')),
                                                              ('logps', ('chosen', 'rejected'))) for name in names}
     assert expected | {'loss/train'} == set(metrics)
     assert all(len(v) == 4 for v in metrics.values())
-    torch.testing.assert_close(torch.tensor(metrics['kl_train/chosen']), chosen.position_kl, rtol=1e-4, atol=1e-5)
-    beta = trainer.config.loss.beta
-    reward = chosen.logps_margin + (chosen.position_kl if loss == 'tdpo' else 0)
-    torch.testing.assert_close(torch.tensor(metrics['rewards_train/chosen']), beta * reward, rtol=1e-4, atol=1e-5)
-    assert mean_loss.item() == pytest.approx(sum(metrics['loss/train']) / 4, rel=1e-5)
+    c = trainer.config.loss
+    beta = c.beta
+    want = {k: [] for k in expected | {'loss/train'}}
+    for (margin_w, kl_w, logp_w), (margin_l, kl_l, logp_l) in zip(naive['chosen'], naive['rejected']):
+        u = margin_w - margin_l
+        if loss == 'tdpo':  # rewards β(log ratio + SeqKL); Eq. 20 (TDPO2) or Eq. 18 (TDPO1)
+            reward_w, reward_l = beta * (margin_w + kl_w), beta * (margin_l + kl_l)
+            z = beta * (u - (c.alpha if c.if_tdpo2 else 1.0) * (kl_l - kl_w))
+            example_loss = math.log1p(math.exp(-z))
+        else:  # rewards β·log ratio; DPO (Eq. 7) or IPO (Azar et al., Eq. 17)
+            reward_w, reward_l = beta * margin_w, beta * margin_l
+            example_loss = (u - 1 / (2 * beta)) ** 2 if loss == 'ipo' else math.log1p(math.exp(-beta * u))
+        for key, value in (('rewards_train/chosen', reward_w), ('rewards_train/rejected', reward_l),
+                           ('rewards_train/margins', reward_w - reward_l), ('kl_train/chosen', kl_w),
+                           ('kl_train/rejected', kl_l), ('kl_train/margin', kl_w - kl_l), ('logps_train/chosen', logp_w),
+                           ('logps_train/rejected', logp_l), ('loss/train', example_loss),
+                           ('rewards_train/accuracies', float(reward_w > reward_l))):
+            want[key].append(value)
+    assert all(abs(m) > 1e-3 for m in want['rewards_train/margins']), 'an accuracy too close to call'
+    assert all(k > 1e-3 for k in want['kl_train/chosen']), 'the policy should differ from the reference'
+    for key in sorted(want):
+        torch.testing.assert_close(torch.tensor(metrics[key], dtype=torch.float64), torch.tensor(want[key], dtype=torch.float64),
+                                   rtol=1e-4, atol=1e-5, msg=lambda m: f'{key}: {m}')
+    assert mean_loss.item() == pytest.approx(sum(want['loss/train']) / 4, rel=1e-5)
 
 
 def test_stats_impls_agree_on_metrics_and_gradients(tmp_path):
