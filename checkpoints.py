@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: torch.distributed.checkpoint's
 
+import disk
 import lora
 import utils
 
@@ -55,7 +56,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class DiskFullError(CheckpointError):
-    """A checkpoint write ran out of space; the partial directory was removed."""
+    """A write ran out of space (a checkpoint; the model cache, model_loading.py); the partial directory was removed.
+    The one error of a full disk: a CheckpointError, so that what stops on one line for a damaged checkpoint
+    stops the same way for a full disk."""
 
 
 class RunDirBusy(CheckpointError):
@@ -182,7 +185,7 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
         raise CheckpointError(f'writing checkpoint {path} failed') from error
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     shutil.rmtree(tmp, ignore_errors=True)
-    if utils.looks_like_disk_full(_causes(error), free) or any('No space left' in m for _, m in failures):
+    if disk.looks_like_disk_full(_causes(error), free) or any('No space left' in m for _, m in failures):
         raise DiskFullError(f'disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free there); '
                             f'removed the partial {os.path.basename(tmp)}; the previous checkpoints are intact: '
                             f'free space, then rerun with resume=true') from error
@@ -196,7 +199,7 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
 
 def _causes(error: Optional[BaseException]):
     """An exception, what caused it, and the per-rank exceptions of a torch.distributed.checkpoint failure."""
-    for cause in utils.exception_chain(error):
+    for cause in disk.exception_chain(error):
         yield cause
         if isinstance(cause, CheckpointException):
             for failure, _ in cause.failures.values():

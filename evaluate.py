@@ -379,7 +379,7 @@ def main(config: DictConfig):
             return
         resolve_model_path(config.reference)
         result = evaluate(config)
-    except (ValueError, FileNotFoundError, checkpoints.CheckpointError, utils.DiskFullError) as e:
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:  # a full disk: DiskFullError
         raise SystemExit(f'evaluate: {e}')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + '.tmp', 'w') as f:

@@ -76,7 +76,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     try:
         run_training(rank, world_size, config, resume_from)
         finished = True
-    except (checkpoints.CheckpointError, utils.DiskFullError) as e:  # a full disk, a damaged or unsafe checkpoint
+    except checkpoints.CheckpointError as e:  # a full disk (DiskFullError), a damaged or unsafe checkpoint
         sys.exit(str(e) if rank == 0 else 1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):

@@ -2,7 +2,6 @@
 padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
 import contextlib
 import datetime
-import errno
 import fcntl
 import getpass
 import glob
@@ -15,12 +14,14 @@ import signal
 import socket
 import stat
 import tempfile
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+
+import disk
 
 
 def private_dir_problem(path: str) -> Optional[str]:
@@ -165,7 +166,7 @@ COLLECTIVE_FAILURES = ('Timed out waiting', 'timed out', 'failed to pass monitor
 
 def collective_failure(error: BaseException) -> Optional[BaseException]:
     """The exception in `error`'s chain that a collective raised because a peer rank stopped answering, or None."""
-    return next((e for e in exception_chain(error) if isinstance(e, RuntimeError) and dist.is_initialized()
+    return next((e for e in disk.exception_chain(error) if isinstance(e, RuntimeError) and dist.is_initialized()
                  and any(marker in str(e) for marker in COLLECTIVE_FAILURES)), None)
 
 
@@ -263,29 +264,6 @@ def _from_hub_or_local(loader, name_or_path: str, what: str, **kwargs):
             f"use model=smollm2-135m / model=tiny, which work offline.") from e
 
 
-class DiskFullError(RuntimeError):
-    """A cache write ran out of space; the partial file was removed. The message is one line for the user."""
-
-
-LOW_SPACE = 64 * 2**20  # a write failing with less free space than this failed on a full disk
-
-
-def exception_chain(error: Optional[BaseException]):
-    """An exception and what caused it, in turn (__cause__, else __context__)."""
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
-
-
-def looks_like_disk_full(errors: Iterable[BaseException], free: int) -> bool:
-    """Whether a failed write failed for lack of space, from what it raised (an exception and its causes) and
-    the space left where it wrote: ENOSPC/EDQUOT, a library's 'No space left' message (safetensors' Rust writer
-    raises no OSError), or less than LOW_SPACE free (torch's zip writer reports a full disk only as
-    '[enforce fail at inline_container.cc] unexpected pos')."""
-    return free < LOW_SPACE or any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-                                   or 'No space left' in str(e) for e in errors)
-
-
 def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
     Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
@@ -343,10 +321,10 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
-        if looks_like_disk_full(exception_chain(e), free):
+        if disk.looks_like_disk_full(disk.exception_chain(e), free):
             tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
             need = sum(t.numel() * t.element_size() for t in tensors.values())
-            raise DiskFullError(f'disk full while converting {source} into {target} ({free / 2**20:.0f} MiB free '
+            raise checkpoints.DiskFullError(f'disk full while converting {source} into {target} ({free / 2**20:.0f} MiB free '
                                 f'there, about {need / 2**20:.0f} MiB needed); removed the partial copy: free space '
                                 f'or point local_dirs at a larger disk, then rerun') from e
         raise

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import checkpoints
+import disk
 import utils
 from helpers import CACHE, ROOT, Payload, compose_config, plant, small_tmpfs, write_hh_file
 
@@ -450,7 +451,7 @@ def test_disk_full_is_recognised_through_wrapping_errors():
     transformers may wrap it; a plain error with space left is not a full disk."""
     wrapped = RuntimeError('save failed')
     wrapped.__cause__ = Exception('Error while serializing: I/O error: No space left on device (os error 28)')
-    assert utils.looks_like_disk_full(utils.exception_chain(wrapped), free=2**30)
-    assert utils.looks_like_disk_full(utils.exception_chain(OSError(errno.EDQUOT, 'Disk quota exceeded')), free=2**30)
-    assert utils.looks_like_disk_full(utils.exception_chain(RuntimeError('unexpected pos')), free=0)
-    assert not utils.looks_like_disk_full(utils.exception_chain(PermissionError(13, 'Permission denied')), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(wrapped), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(OSError(errno.EDQUOT, 'Disk quota exceeded')), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(RuntimeError('unexpected pos')), free=0)
+    assert not disk.looks_like_disk_full(disk.exception_chain(PermissionError(13, 'Permission denied')), free=2**30)
