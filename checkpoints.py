@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: torch.distributed.checkpoint's
 
 import disk
+import distributed
 import lora
 import utils
 
@@ -130,7 +131,7 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
     with _atomic_directory(path, step, rank, world_size) as tmp:
         if sharded is not None:
             import torch.distributed.checkpoint as dcp
-            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=utils.slow_group())
+            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=distributed.slow_group())
         if rank == 0:
             for name, state in files.items():
                 torch.save({'step_idx': step, 'state': state, 'metrics': metrics or {}}, os.path.join(tmp, name))
@@ -142,7 +143,7 @@ def _gather(value, world_size: int) -> list:
     if world_size == 1:
         return [value]
     values = [None] * world_size
-    dist.all_gather_object(values, value, group=utils.slow_group())
+    dist.all_gather_object(values, value, group=distributed.slow_group())
     return values
 
 
@@ -167,7 +168,7 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         if rank == 0:
             _write_manifest(tmp, step)
     except (Exception, CheckpointException) as e:  # not KeyboardInterrupt: like a kill, it leaves the partial directory
-        if utils.collective_failure(e) is not None:
+        if distributed.collective_failure(e) is not None:
             raise  # a rank stopped answering: no rank can agree on cleaning up; `<path>.tmp-<pid>` stays, unused
         error = e
     messages = _gather(error and _first_line(list(_causes(error))[-1]), world_size)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import distributed
 import memory
 import models
 import preference_datasets
@@ -70,7 +71,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
     utils.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
-        utils.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
+        distributed.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
     resume_from, lock, created = open_run_dir(config, rank)
     finished = False
     try:
@@ -83,7 +84,7 @@ def worker_main(rank: int, world_size: int, config: DictConfig):
             raise
         sys.exit(f'disk full: {e}; the checkpoints written so far are intact' if rank == 0 else 1)
     except Exception as e:  # a rank that stops answering: one line from each rank that waited for it
-        line = utils.collective_failure_line(e, rank, config.collective_timeout_s, config.slow_phase_timeout_s)
+        line = distributed.collective_failure_line(e, rank, config.collective_timeout_s, config.slow_phase_timeout_s)
         if line is None:
             raise
         sys.exit(line)
@@ -115,7 +116,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         if resume_from and rank == 0 else None
     if rank == 0:
         run_logging.init_wandb(config, run_id)
-    utils.wait_for_all_ranks()  # ranks that loaded fast wait for one that tokenized or converted (slow_phase_timeout_s)
+    distributed.wait_for_all_ranks()  # ranks that loaded fast wait for one that tokenized or converted (slow_phase_timeout_s)
     try:
         trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
                                 reference_model=reference_model, rank=rank, world_size=world_size, data=data)
@@ -194,7 +195,7 @@ def main(config: DictConfig):
     if distributed and not under_torchrun:
         # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
         os.environ.setdefault('MASTER_ADDR', 'localhost')
-        os.environ['MASTER_PORT'] = str(config.fsdp_port or utils.get_open_port())
+        os.environ['MASTER_PORT'] = str(config.fsdp_port or distributed.get_open_port())
         print(f'{config.trainer}: starting one process per local GPU ({world_size})', flush=True)
         mp.spawn(worker_main, nprocs=world_size, args=(world_size, config), join=True)
     else:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
+import distributed
 import lora
 import memory
 import pair_forward
@@ -244,7 +245,7 @@ class BasicTrainer:
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
             values = pair_forward.preference_metrics(split, chosen, rejected, chosen_rewards, rejected_rewards)
         values[f'loss/{split}'] = losses
-        metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
+        metrics = {k: distributed.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
                    for k, v in values.items()}
         return losses.mean(), metrics
 
@@ -289,7 +290,7 @@ class BasicTrainer:
                 all_metrics[k].extend(v)
             if self.config.sample_during_eval and i < n_sample_batches:
                 rows = run_logging.sample_rows(self.example_counter, local['prompt'], *self.get_batch_samples(local))
-                samples += utils.all_gather_objects(rows, self.data_world_size)  # the whole batch, in order
+                samples += distributed.all_gather_objects(rows, self.data_world_size)  # the whole batch, in order
         mean_metrics = run_logging.eval_metrics(all_metrics)  # means, their standard errors, n
         self.last_eval = self.example_counter
         utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')

@@ -352,10 +352,11 @@ CONVERT = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, {root!r})
     import torch.distributed as dist
+    import distributed
     import utils
     from helpers import compose_config
     if 'RANK' in os.environ:  # torchrun: as in train.py, the cache is first used with the process group up
-        utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
+        distributed.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
         if dist.get_rank() == 0:
             time.sleep(3)  # rank 1 converts: transformers writes model files on rank 0 only, unless told
     config = compose_config(['model=tiny', 'exp_name=x'])
