@@ -27,6 +27,7 @@ import preference_datasets
 import run_config
 import run_logging
 import sharded_trainers
+import stop_signals
 import trainers
 import utils
 from run_config import ConfigError, compose_config, missing_keys  # noqa: F401 (also train.X, as before)
@@ -68,7 +69,7 @@ def requeue_slurm_job():
 def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
     the checkpoint that `open_run_dir` chose), saves."""
-    utils.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
+    stop_signals.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
         distributed.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
@@ -135,7 +136,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         print(e, flush=True)
         # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
         # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
-        for signum in utils.STOP_SIGNALS:
+        for signum in stop_signals.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()

@@ -26,6 +26,7 @@ import memory
 import pair_forward
 import preference_datasets
 import run_logging
+import stop_signals
 import token_stats
 import utils
 from losses import (PreferenceLoss, SequenceStats, build_preference_loss, get_batch_logps,  # noqa: F401
@@ -322,8 +323,8 @@ class BasicTrainer:
 
     @property
     def stop_signal(self) -> Optional[int]:
-        """SIGTERM or SIGUSR1 once this process received one (see `utils.catch_stop_signals`), else None."""
-        return utils.received_stop_signal()
+        """SIGTERM or SIGUSR1 once this process received one (see `stop_signals.catch_stop_signals`), else None."""
+        return stop_signals.received_stop_signal()
 
     def update(self, batch: Dict):
         """One optimizer update from gradient_accumulation_steps microbatches of this rank's share. A
@@ -364,7 +365,7 @@ class BasicTrainer:
         utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
         if self.example_counter == 0:
             utils.seed_everything(self.seed)
-        utils.catch_stop_signals()
+        stop_signals.catch_stop_signals()
         if self.any_rank(self.stop_signal is not None):  # it came while the run started: nothing new to save
             raise Preempted(f'stopped by signal {self.stop_signal} before the first update (after '
                             f'{self.example_counter} examples): no new checkpoint')

@@ -1,6 +1,5 @@
 """Small helpers shared by train.py, trainers.py and preference_datasets.py: run directories,
 padding, distributed gathers, model and tokenizer loading (hub, local, GGUF, random init), wandb mode."""
-import contextlib
 import datetime
 import fcntl
 import getpass
@@ -10,7 +9,6 @@ import os
 import pwd
 import random
 import shutil
-import signal
 import socket
 import stat
 import tempfile
@@ -295,53 +293,3 @@ def load_weights(model: torch.nn.Module, state: Dict, source: str, name_or_path:
         problem = (f'{len(result.missing_keys)} of its weights missing (first: {result.missing_keys[:1]}), '
                    f'{len(result.unexpected_keys)} unknown to it (first: {result.unexpected_keys[:1]})')
     raise WeightsMismatch(f'{source} does not fit model.name_or_path={name_or_path}: {problem}')
-
-
-# --------------------------------------------------------------------------------------------------
-# wandb
-# --------------------------------------------------------------------------------------------------
-
-def wandb_mode() -> str:
-    """'online' with credentials and a reachable server, else 'offline' (a local run for `wandb sync`).
-    An explicit WANDB_MODE wins."""
-    if os.environ.get('WANDB_MODE'):
-        return os.environ['WANDB_MODE']
-    has_key = bool(os.environ.get('WANDB_API_KEY'))
-    if not has_key:
-        with contextlib.suppress(Exception):
-            import netrc
-            has_key = netrc.netrc().authenticators('api.wandb.ai') is not None
-    if not has_key:
-        return 'offline'
-    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('://')[-1].split('/')[0]
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return 'online'
-    except OSError:
-        return 'offline'
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # preemption, the time limit (Slurm's --signal), `kill`
-_stop_signal = None  # the last of STOP_SIGNALS this process received since catch_stop_signals
-
-
-def catch_stop_signals():
-    """From now on SIGTERM and SIGUSR1 do not kill this process: the trainer stops after its current update,
-    with a checkpoint, or before its first one. train.py calls it as each training process starts, so that a
-    signal while the models load ends the run as preempted (exit 75, requeued under Slurm), not as failed."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_stop_signal)
-
-
-def received_stop_signal() -> Optional[int]:
-    """The last of STOP_SIGNALS this process received since catch_stop_signals, else None."""
-    return _stop_signal
-
-
-def _on_stop_signal(signum, frame):
-    global _stop_signal
-    _stop_signal = signum
-    try:
-        rank0_print(f'received signal {signum}: will checkpoint and stop after the current update')
-    except RuntimeError:  # it interrupted a print to stdout ("reentrant call"): the signal is recorded all the same
-        pass
