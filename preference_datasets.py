@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import chat_tokens
 import data_sources
+import model_loading
 import tokenized_cache
 import utils
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
@@ -462,7 +463,7 @@ class RunData(NamedTuple):
 def load_run_data(config, cache_dir: str, silent: bool = False) -> RunData:
     """The tokenizer and both splits of a composed train.py config (train.py loads them before the models,
     so that a bad data file costs no model load)."""
-    tokenizer = utils.load_tokenizer(config.model, cache_dir)
+    tokenizer = model_loading.load_tokenizer(config.model, cache_dir)
     return RunData(tokenizer, load_split(config, tokenizer, 'train', cache_dir, silent),
                    load_split(config, tokenizer, 'test', cache_dir, silent) if config.n_eval_examples else [])
 
@@ -576,7 +577,7 @@ def main(argv: Optional[List[str]] = None):
     except Exception as e:  # Hydra's override and composition errors, and run_config.ConfigError
         sys.exit(f"config error: {'; '.join(line.strip() for line in str(e).strip().splitlines() if line.strip())}")
     cache_dir = utils.get_local_dir(config.local_dirs)
-    tokenizer = utils.load_tokenizer(config.model, cache_dir)
+    tokenizer = model_loading.load_tokenizer(config.model, cache_dir)
     try:
         examples = load_split(config, tokenizer, args.split, cache_dir)
     except DataError as e:

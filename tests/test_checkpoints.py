@@ -353,15 +353,15 @@ CONVERT = textwrap.dedent('''
     sys.path.insert(0, {root!r})
     import torch.distributed as dist
     import distributed
-    import utils
+    import model_loading
     from helpers import compose_config
     if 'RANK' in os.environ:  # torchrun: as in train.py, the cache is first used with the process group up
         distributed.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
         if dist.get_rank() == 0:
             time.sleep(3)  # rank 1 converts: transformers writes model files on rank 0 only, unless told
     config = compose_config(['model=tiny', 'exp_name=x'])
-    utils.load_model(config.model, 'float32', sys.argv[1])
-    print('target', utils.resolve_model_source(config.model, sys.argv[1]), flush=True)
+    model_loading.load_model(config.model, 'float32', sys.argv[1])
+    print('target', model_loading.resolve_model_source(config.model, sys.argv[1]), flush=True)
 ''')
 
 
