@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import distributed
 import lora
 import losses
 import model_loading
@@ -252,7 +253,7 @@ def load(spec: str, dtype: str = 'float32', trust: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
     model_loading.disable_dropout(model)
-    return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), tokenizer, kind, path
+    return model.to(distributed.default_device()).eval(), tokenizer, kind, path
 
 
 def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[Tuple[str, List[int]]]:

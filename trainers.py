@@ -108,7 +108,7 @@ class BasicTrainer:
 
     def wrap_models(self, policy, reference_model):
         """Place the models; a model already split over GPUs by device_map stays where it is."""
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        device = distributed.default_device()
         for model in (policy, reference_model):
             if model is not None and not getattr(model, 'hf_device_map', None):
                 model.to(device)
