@@ -10,6 +10,8 @@ module decides *how* it is written, checked and found, so that a run never loses
 - `load_file` loads with `weights_only=True`: tensors, numbers, strings and containers only. A file
   that needs code to unpickle is refused with one line naming it and `trust_checkpoint_code`.
 - `export_hf` writes the policy in Hugging Face format at the end of a run, its manifest last.
+- `save_trainer`, `load_trainer_model_state`, `resume_trainer`, `export_trainer_hf`: what BasicTrainer's `save`,
+  `load_model_state`, `load_training_state` and `export_hf` do, with the trainer passed in.
 - `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
 - `write_manifest` / `manifest_problem`: the same rule for cache entries (the model cache, the demo's and
   recipes' generated pairs, evaluation results): files first, a manifest of sizes and hashes last, verified
@@ -550,6 +552,59 @@ def export_hf(policy, full_state: Dict, tokenizer, run_dir: str, output_dir: str
         tokenizer.save_pretrained(output_dir)
     write_manifest(os.path.join(output_dir, MANIFEST), [output_dir])  # last: complete
     utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+
+
+# --------------------------------------------------------------------------------------------------
+# A trainer's checkpoints: the bodies of BasicTrainer's save, load_model_state, load_training_state and export_hf
+# (the trainer is passed in; its hooks say what a checkpoint holds)
+# --------------------------------------------------------------------------------------------------
+
+def save_trainer(trainer, output_dir: Optional[str], metrics: Optional[Dict], wandb_id: Optional[str]):
+    """BasicTrainer.save: write checkpoint directory `output_dir` (default `<run_dir>/LATEST`) with `save`: the
+    files of the trainer's `checkpoint_files` and training_state.pt (its RESUMED counters, the RNG states,
+    `wandb_id`), appearing only complete; then prune old ones (rank 0)."""
+    output_dir = output_dir or os.path.join(trainer.run_dir, 'LATEST')
+    if (os.path.realpath(output_dir), trainer.example_counter) == trainer.loaded_checkpoint:
+        return  # this state is the checkpoint just loaded: never rewrite it
+    files, sharded = trainer.checkpoint_files()
+    state = {**{key: getattr(trainer, key) for key in trainer.RESUMED}, 'rng': rng_state(),
+             'wandb_id': wandb_id}  # training_state.pt
+    save(output_dir, trainer.example_counter, files, state, metrics, sharded, trainer.rank, trainer.world_size)
+    if trainer.rank == 0:
+        prune(trainer.run_dir, trainer.config.keep_checkpoints)
+
+
+def load_trainer_model_state(trainer, checkpoint_dir: str):
+    """BasicTrainer.load_model_state: policy, optimizer and scheduler from a checkpoint directory of `save_trainer`."""
+    load = lambda name: load_state(os.path.join(checkpoint_dir, name), trainer.config.trust_checkpoint_code)
+    # what policy_state_dict() returned; frozen weights stay as the model files gave them
+    lora.load_trainable_state(trainer.policy, load('policy.pt'), 'the checkpoint\'s policy.pt')
+    trainer.optimizer.load_state_dict(load('optimizer.pt'))
+    trainer.scheduler.load_state_dict(load('scheduler.pt'))
+
+
+def resume_trainer(trainer, checkpoint_dir: str):
+    """BasicTrainer.load_training_state: continue from a checkpoint of `save_trainer`: the trainer's
+    `load_model_state`, then its counters, data position and RNG; metrics.jsonl loses the lines logged after
+    that checkpoint."""
+    trainer.load_model_state(checkpoint_dir)
+    state = load_training_state(checkpoint_dir, trainer.config.trust_checkpoint_code)
+    for key in trainer.RESUMED:
+        setattr(trainer, key, state[key])
+    set_rng_state(state['rng'])
+    trainer.last_checkpoint = trainer.example_counter
+    trainer.loaded_checkpoint = (os.path.realpath(checkpoint_dir), trainer.example_counter)
+    if trainer.rank == 0:
+        truncate_metrics(trainer.metrics_path, trainer.example_counter)
+    utils.rank0_print(f'resumed from {checkpoint_dir} after {trainer.example_counter} examples')
+
+
+def export_trainer_hf(trainer, output_dir: Optional[str]):
+    """BasicTrainer.export_hf: the policy in Hugging Face format with its tokenizer (default <run dir>/hf; export_hf)."""
+    state = trainer.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
+    if trainer.rank == 0:
+        export_hf(trainer.policy, state, trainer.tokenizer, trainer.run_dir,
+                  output_dir or os.path.join(trainer.run_dir, 'hf'))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -493,6 +493,15 @@ def collate(examples: List[Example], pad_token_id: int) -> Dict:
     return batch
 
 
+def eval_examples(examples: Iterable, seed: int, n_eval_examples: Optional[int], world_size: int) -> List:
+    """The examples a run evaluates on: `examples` shuffled with `seed`, the first n_eval_examples (null: none), fewer
+    where needed so that each of `world_size` ranks gets an equal slice."""
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    n_eval = min(n_eval_examples or 0, len(examples))
+    return examples[:n_eval - n_eval % world_size]  # equal slices per rank
+
+
 def n_train_examples(n_available: int, config) -> int:
     """Examples a run of `config` trains on from `n_available`: whole batches only, as batch_iterator yields
     them; 0 when there are fewer than one batch (batch_iterator then says so)."""
