@@ -180,10 +180,10 @@ def finished_run_without_optimizer(config: DictConfig, checkpoint: str, n_availa
 @hydra.main(version_base=None, config_path='config', config_name='config')
 def main(config: DictConfig):
     trainer_class = TRAINERS.get(config.trainer)  # check_config names an unknown trainer
-    distributed = trainer_class is not None and trainer_class.distributed
+    distributed_trainer = trainer_class is not None and trainer_class.distributed
     under_torchrun = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     world_size = (int(os.environ['WORLD_SIZE']) if under_torchrun
-                  else max(1, torch.cuda.device_count()) if distributed else 1)
+                  else max(1, torch.cuda.device_count()) if distributed_trainer else 1)
     try:
         check_config(config, world_size)
         if config.model.archive is not None and not config.trust_checkpoint_code:
@@ -193,7 +193,7 @@ def main(config: DictConfig):
         sys.exit(f'config error: {e}')
     except checkpoints.CheckpointError as e:
         sys.exit(str(e))
-    if distributed and not under_torchrun:
+    if distributed_trainer and not under_torchrun:
         # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
         os.environ.setdefault('MASTER_ADDR', 'localhost')
         os.environ['MASTER_PORT'] = str(config.fsdp_port or distributed.get_open_port())
