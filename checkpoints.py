@@ -10,6 +10,8 @@ module decides *how* it is written, checked and found, so that a run never loses
 - `load_file` loads with `weights_only=True`: tensors, numbers, strings and containers only. A file
   that needs code to unpickle is refused with one line naming it and `trust_checkpoint_code`.
 - `export_hf` writes the policy in Hugging Face format at the end of a run, its manifest last.
+- `save_trainer`, `load_trainer_model_state`, `resume_trainer`, `export_trainer_hf`: what BasicTrainer's `save`,
+  `load_model_state`, `load_training_state` and `export_hf` do, with the trainer passed in.
 - `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
 - `write_manifest` / `manifest_problem`: the same rule for cache entries (the model cache, the demo's and
   recipes' generated pairs, evaluation results): files first, a manifest of sizes and hashes last, verified
@@ -35,6 +37,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: torch.distributed.checkpoint's
 
+import disk
+import distributed
 import lora
 import utils
 
@@ -55,7 +59,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class DiskFullError(CheckpointError):
-    """A checkpoint write ran out of space; the partial directory was removed."""
+    """A write ran out of space (a checkpoint; the model cache, model_loading.py); the partial directory was removed.
+    The one error of a full disk: a CheckpointError, so that what stops on one line for a damaged checkpoint
+    stops the same way for a full disk."""
 
 
 class RunDirBusy(CheckpointError):
@@ -127,7 +133,7 @@ def save(path: str, step: int, files: Dict[str, Dict], training_state: Dict, met
     with _atomic_directory(path, step, rank, world_size) as tmp:
         if sharded is not None:
             import torch.distributed.checkpoint as dcp
-            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=utils.slow_group())
+            dcp.save(sharded, checkpoint_id=os.path.join(tmp, SHARDED), process_group=distributed.slow_group())
         if rank == 0:
             for name, state in files.items():
                 torch.save({'step_idx': step, 'state': state, 'metrics': metrics or {}}, os.path.join(tmp, name))
@@ -139,7 +145,7 @@ def _gather(value, world_size: int) -> list:
     if world_size == 1:
         return [value]
     values = [None] * world_size
-    dist.all_gather_object(values, value, group=utils.slow_group())
+    dist.all_gather_object(values, value, group=distributed.slow_group())
     return values
 
 
@@ -164,7 +170,7 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         if rank == 0:
             _write_manifest(tmp, step)
     except (Exception, CheckpointException) as e:  # not KeyboardInterrupt: like a kill, it leaves the partial directory
-        if utils.collective_failure(e) is not None:
+        if distributed.collective_failure(e) is not None:
             raise  # a rank stopped answering: no rank can agree on cleaning up; `<path>.tmp-<pid>` stays, unused
         error = e
     messages = _gather(error and _first_line(list(_causes(error))[-1]), world_size)
@@ -182,7 +188,7 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
         raise CheckpointError(f'writing checkpoint {path} failed') from error
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     shutil.rmtree(tmp, ignore_errors=True)
-    if utils.looks_like_disk_full(_causes(error), free) or any('No space left' in m for _, m in failures):
+    if disk.looks_like_disk_full(_causes(error), free) or any('No space left' in m for _, m in failures):
         raise DiskFullError(f'disk full while writing checkpoint {path} ({free / 2**20:.0f} MiB free there); '
                             f'removed the partial {os.path.basename(tmp)}; the previous checkpoints are intact: '
                             f'free space, then rerun with resume=true') from error
@@ -196,7 +202,7 @@ def _fail(path: str, tmp: str, error: Optional[BaseException], rank: int, failur
 
 def _causes(error: Optional[BaseException]):
     """An exception, what caused it, and the per-rank exceptions of a torch.distributed.checkpoint failure."""
-    for cause in utils.exception_chain(error):
+    for cause in disk.exception_chain(error):
         yield cause
         if isinstance(cause, CheckpointException):
             for failure, _ in cause.failures.values():
@@ -546,6 +552,59 @@ def export_hf(policy, full_state: Dict, tokenizer, run_dir: str, output_dir: str
         tokenizer.save_pretrained(output_dir)
     write_manifest(os.path.join(output_dir, MANIFEST), [output_dir])  # last: complete
     utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
+
+
+# --------------------------------------------------------------------------------------------------
+# A trainer's checkpoints: the bodies of BasicTrainer's save, load_model_state, load_training_state and export_hf
+# (the trainer is passed in; its hooks say what a checkpoint holds)
+# --------------------------------------------------------------------------------------------------
+
+def save_trainer(trainer, output_dir: Optional[str], metrics: Optional[Dict], wandb_id: Optional[str]):
+    """BasicTrainer.save: write checkpoint directory `output_dir` (default `<run_dir>/LATEST`) with `save`: the
+    files of the trainer's `checkpoint_files` and training_state.pt (its RESUMED counters, the RNG states,
+    `wandb_id`), appearing only complete; then prune old ones (rank 0)."""
+    output_dir = output_dir or os.path.join(trainer.run_dir, 'LATEST')
+    if (os.path.realpath(output_dir), trainer.example_counter) == trainer.loaded_checkpoint:
+        return  # this state is the checkpoint just loaded: never rewrite it
+    files, sharded = trainer.checkpoint_files()
+    state = {**{key: getattr(trainer, key) for key in trainer.RESUMED}, 'rng': rng_state(),
+             'wandb_id': wandb_id}  # training_state.pt
+    save(output_dir, trainer.example_counter, files, state, metrics, sharded, trainer.rank, trainer.world_size)
+    if trainer.rank == 0:
+        prune(trainer.run_dir, trainer.config.keep_checkpoints)
+
+
+def load_trainer_model_state(trainer, checkpoint_dir: str):
+    """BasicTrainer.load_model_state: policy, optimizer and scheduler from a checkpoint directory of `save_trainer`."""
+    load = lambda name: load_state(os.path.join(checkpoint_dir, name), trainer.config.trust_checkpoint_code)
+    # what policy_state_dict() returned; frozen weights stay as the model files gave them
+    lora.load_trainable_state(trainer.policy, load('policy.pt'), 'the checkpoint\'s policy.pt')
+    trainer.optimizer.load_state_dict(load('optimizer.pt'))
+    trainer.scheduler.load_state_dict(load('scheduler.pt'))
+
+
+def resume_trainer(trainer, checkpoint_dir: str):
+    """BasicTrainer.load_training_state: continue from a checkpoint of `save_trainer`: the trainer's
+    `load_model_state`, then its counters, data position and RNG; metrics.jsonl loses the lines logged after
+    that checkpoint."""
+    trainer.load_model_state(checkpoint_dir)
+    state = load_training_state(checkpoint_dir, trainer.config.trust_checkpoint_code)
+    for key in trainer.RESUMED:
+        setattr(trainer, key, state[key])
+    set_rng_state(state['rng'])
+    trainer.last_checkpoint = trainer.example_counter
+    trainer.loaded_checkpoint = (os.path.realpath(checkpoint_dir), trainer.example_counter)
+    if trainer.rank == 0:
+        truncate_metrics(trainer.metrics_path, trainer.example_counter)
+    utils.rank0_print(f'resumed from {checkpoint_dir} after {trainer.example_counter} examples')
+
+
+def export_trainer_hf(trainer, output_dir: Optional[str]):
+    """BasicTrainer.export_hf: the policy in Hugging Face format with its tokenizer (default <run dir>/hf; export_hf)."""
+    state = trainer.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
+    if trainer.rank == 0:
+        export_hf(trainer.policy, state, trainer.tokenizer, trainer.run_dir,
+                  output_dir or os.path.join(trainer.run_dir, 'hf'))
 
 
 # --------------------------------------------------------------------------------------------------

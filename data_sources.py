@@ -25,8 +25,8 @@ def load_hub(path: str, name: str, cache_dir: Optional[str], **kwargs):
     """datasets.load_dataset(path, ...); without the hub, at once the local HF cache or a clear DataError."""
     import datasets
 
-    import utils
-    if not utils.hub_reachable():
+    import model_loading
+    if not model_loading.hub_reachable():
         os.environ['HF_HUB_OFFLINE'] = '1'  # use the local HF cache only, without minutes of retries
     try:
         return datasets.load_dataset(path, cache_dir=cache_dir, **kwargs)

@@ -19,8 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import distributed
 import lora
 import losses
+import model_loading
 import preference_datasets
 import run_config  # noqa: F401 (registers the config resolvers)
 import sharded_trainers
@@ -139,21 +141,21 @@ def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
     state = checkpoints.load_archive(os.path.join(checkpoint, 'policy.pt'), trust, mmap=True)['state']
     run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
     cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-    model = utils.load_model(run_config.model, dtype, cache_dir)
+    model = model_loading.load_model(run_config.model, dtype, cache_dir)
     if lora.holds_adapter(state):
         policy = lora.wrap(_with_archive(model, run_config, trust), run_config.lora, run_config.seed)
         lora.load_trainable_state(policy, state, f'{checkpoint}/policy.pt')
         model = policy.merge_and_unload()
     else:
-        utils.load_weights(model, state, f'{checkpoint}/policy.pt', run_config.model.name_or_path)
-    return model, utils.load_tokenizer(run_config.model, cache_dir)
+        model_loading.load_weights(model, state, f'{checkpoint}/policy.pt', run_config.model.name_or_path)
+    return model, model_loading.load_tokenizer(run_config.model, cache_dir)
 
 
 def _with_archive(model, run_config: DictConfig, trust: bool = False):
     """The base weights of a LoRA run: its model, with the model.archive it started from loaded."""
     if run_config.model.archive:
         state = checkpoints.load_archive(run_config.model.archive, trust, mmap=True)['state']
-        utils.load_weights(model, state, run_config.model.archive, run_config.model.name_or_path)
+        model_loading.load_weights(model, state, run_config.model.archive, run_config.model.name_or_path)
     return model
 
 
@@ -166,7 +168,7 @@ def _adapter_model(path: str, dtype: str, trust: bool = False):
     if os.path.exists(run_config_path):
         run_config = OmegaConf.load(run_config_path)
         cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-        base = _with_archive(utils.load_model(run_config.model, dtype, cache_dir), run_config, trust)
+        base = _with_archive(model_loading.load_model(run_config.model, dtype, cache_dir), run_config, trust)
     else:
         base_path = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
         if not base_path:
@@ -189,7 +191,7 @@ def _config_model(name: str, dtype: str = 'float32'):
         with hydra.initialize_config_dir(config_dir=config_dir, version_base=None):
             config = hydra.compose('config', overrides=overrides)
     cache_dir = utils.get_local_dir(list(config.local_dirs))
-    return utils.load_model(config.model, dtype, cache_dir), utils.load_tokenizer(config.model, cache_dir)
+    return model_loading.load_model(config.model, dtype, cache_dir), model_loading.load_tokenizer(config.model, cache_dir)
 
 
 def resolve_model_path(spec: str) -> Tuple[str, str]:
@@ -250,8 +252,8 @@ def load(spec: str, dtype: str = 'float32', trust: bool = False):
         model, tokenizer = {'config': _config_model, 'hf': _hf_model}[kind](path, dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token_id = tokenizer.eos_token_id
-    utils.disable_dropout(model)
-    return model.to('cuda' if torch.cuda.is_available() else 'cpu').eval(), tokenizer, kind, path
+    model_loading.disable_dropout(model)
+    return model.to(distributed.default_device()).eval(), tokenizer, kind, path
 
 
 def read_prompts(path: str, tokenizer, n: Optional[int]) -> List[Tuple[str, List[int]]]:
@@ -379,7 +381,7 @@ def main(config: DictConfig):
             return
         resolve_model_path(config.reference)
         result = evaluate(config)
-    except (ValueError, FileNotFoundError, checkpoints.CheckpointError, utils.DiskFullError) as e:
+    except (ValueError, FileNotFoundError, checkpoints.CheckpointError) as e:  # a full disk: DiskFullError
         raise SystemExit(f'evaluate: {e}')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out + '.tmp', 'w') as f:

@@ -1,8 +1,8 @@
 """Model loading and export: the models a run starts from, as train.py builds them: the policy, the frozen
 reference for preference losses, `model.archive` weights loaded into them, LoRA adapters on the policy, and where
 the base weights came from (recorded with an exported adapter). Loading one model or tokenizer from its source
-(hub, local directory, GGUF, random init) is utils.load_model and utils.load_tokenizer. No trainer is imported
-here: the caller passes the class of the trainer that will train the models."""
+(hub, local directory, GGUF, random init) is model_loading.load_model and model_loading.load_tokenizer. No trainer
+is imported here: the caller passes the class of the trainer that will train the models."""
 import json
 import os
 from typing import Optional
@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 import checkpoints
 import lora
+import model_loading
 import utils
 from run_config import PREFERENCE_LOSSES, ConfigError
 
@@ -21,12 +22,12 @@ def build_models(config: DictConfig, trainer_class, device_map=None):
     weights if set. With LoRA (lora.r set) the policy gets adapters and no reference is loaded: the reference
     is the policy with its adapters disabled."""
     cache_dir = utils.get_local_dir(config.local_dirs)
-    policy = utils.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
+    policy = model_loading.load_model(config.model, config.model.policy_dtype, cache_dir, device_map=device_map)
     reference_model = None
     if config.loss.name in PREFERENCE_LOSSES and not lora.enabled(config.lora):
         reference_dtype = trainer_class.reference_dtype(config.model)
         utils.rank0_print(f'reference model in {reference_dtype}')
-        reference_model = utils.load_model(config.model, reference_dtype, cache_dir, device_map=device_map)
+        reference_model = model_loading.load_model(config.model, reference_dtype, cache_dir, device_map=device_map)
         reference_model.requires_grad_(False)
         reference_model.eval()
     if config.model.archive is not None:
@@ -50,8 +51,8 @@ def build_models(config: DictConfig, trainer_class, device_map=None):
 def load_archive_weights(model, state: dict, config: DictConfig):
     """model.archive's weights into `model`; weights that do not fit the model are one ConfigError."""
     try:
-        utils.load_weights(model, state, f'model.archive={config.model.archive}', config.model.name_or_path)
-    except utils.WeightsMismatch as e:
+        model_loading.load_weights(model, state, f'model.archive={config.model.archive}', config.model.name_or_path)
+    except model_loading.WeightsMismatch as e:
         raise ConfigError(str(e)) from None
 
 
@@ -60,5 +61,5 @@ def base_model_path(config: DictConfig, cache_dir: str) -> Optional[str]:
     LoRA adapter; None when no such place exists (random init, or model.archive weights)."""
     if config.model.random_init or config.model.archive:
         return None
-    source = utils.resolve_model_source(config.model, cache_dir)
+    source = model_loading.resolve_model_source(config.model, cache_dir)
     return os.path.abspath(source) if os.path.exists(source) else source

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import chat_tokens
 import data_sources
+import model_loading
 import tokenized_cache
 import utils
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
@@ -462,7 +463,7 @@ class RunData(NamedTuple):
 def load_run_data(config, cache_dir: str, silent: bool = False) -> RunData:
     """The tokenizer and both splits of a composed train.py config (train.py loads them before the models,
     so that a bad data file costs no model load)."""
-    tokenizer = utils.load_tokenizer(config.model, cache_dir)
+    tokenizer = model_loading.load_tokenizer(config.model, cache_dir)
     return RunData(tokenizer, load_split(config, tokenizer, 'train', cache_dir, silent),
                    load_split(config, tokenizer, 'test', cache_dir, silent) if config.n_eval_examples else [])
 
@@ -490,6 +491,15 @@ def collate(examples: List[Example], pad_token_id: int) -> Dict:
         batch[f'{kind}_attention_mask'] = _right_pad([[1] * (len(e.prompt_ids) + len(r)) for e, r in zip(examples, responses)], 0)
         batch[f'{kind}_labels'] = _right_pad([[-100] * len(e.prompt_ids) + r for e, r in zip(examples, responses)], -100)
     return batch
+
+
+def eval_examples(examples: Iterable, seed: int, n_eval_examples: Optional[int], world_size: int) -> List:
+    """The examples a run evaluates on: `examples` shuffled with `seed`, the first n_eval_examples (null: none), fewer
+    where needed so that each of `world_size` ranks gets an equal slice."""
+    examples = list(examples)
+    random.Random(seed).shuffle(examples)
+    n_eval = min(n_eval_examples or 0, len(examples))
+    return examples[:n_eval - n_eval % world_size]  # equal slices per rank
 
 
 def n_train_examples(n_available: int, config) -> int:
@@ -576,7 +586,7 @@ def main(argv: Optional[List[str]] = None):
     except Exception as e:  # Hydra's override and composition errors, and run_config.ConfigError
         sys.exit(f"config error: {'; '.join(line.strip() for line in str(e).strip().splitlines() if line.strip())}")
     cache_dir = utils.get_local_dir(config.local_dirs)
-    tokenizer = utils.load_tokenizer(config.model, cache_dir)
+    tokenizer = model_loading.load_tokenizer(config.model, cache_dir)
     try:
         examples = load_split(config, tokenizer, args.split, cache_dir)
     except DataError as e:

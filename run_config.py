@@ -9,12 +9,13 @@ from typing import Optional
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import model_loading
 import pair_layout
 import token_stats
 import utils
 
 OmegaConf.register_new_resolver('get_local_run_dir', utils.get_local_run_dir, replace=True)
-OmegaConf.register_new_resolver('pkg_dir', utils.package_dir, replace=True)
+OmegaConf.register_new_resolver('pkg_dir', model_loading.package_dir, replace=True)
 
 
 def compose_config(overrides) -> DictConfig:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import distributed
 import run_identity
 import utils
 from run_config import ConfigError
@@ -74,7 +75,7 @@ def open_run_dir(config: DictConfig, rank: int) -> Tuple[Optional[str], Optional
             error = str(e)
     if dist.is_initialized():
         shared = [config.local_run_dir, resume_from, error]
-        dist.broadcast_object_list(shared, src=0, group=utils.slow_group())  # rank 0 verified checkpoints meanwhile
+        dist.broadcast_object_list(shared, src=0, group=distributed.slow_group())  # rank 0 verified checkpoints meanwhile
         config.local_run_dir, resume_from, error = shared
     if error:
         sys.exit(error if rank == 0 else 1)

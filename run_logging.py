@@ -1,28 +1,28 @@
 """Run logging: the only importer of wandb.
 
-What belongs here: starting wandb for a run (`init_wandb`) and the wandb run id its checkpoints record
-(`wandb_run_id`); the lines of metrics.jsonl with their wandb steps (`log`; what a line holds: `train_metrics`,
-`eval_metrics`) and the progress bar's numbers (`progress_postfix`); the evaluation samples in samples.jsonl
+What belongs here: starting wandb for a run (`init_wandb`; online or offline: `wandb_mode`) and the wandb run id
+its checkpoints record (`wandb_run_id`); the lines of metrics.jsonl with their wandb steps (`log`; what a line holds:
+`train_metrics`, `eval_metrics`) and the progress bar's numbers (`progress_postfix`); the evaluation samples in samples.jsonl
 and wandb tables (`sample_rows`, `log_samples`). The trainer decides when to log and what; this module decides
 how it is written. wandb is imported inside the functions, so that importing the trainers does not load it;
 it runs only on rank 0 (train.py starts it there).
 """
+import contextlib
 import json
 import math
 import os
+import socket
 from typing import Dict, List, Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-
-import utils
 
 
 def init_wandb(config: DictConfig, run_id: Optional[str] = None):
     """wandb as the reference uses it; offline when there are no credentials or no network; a resumed
     run continues its wandb run."""
     import wandb
-    mode = 'disabled' if config.debug or not config.wandb.enabled else utils.wandb_mode()
+    mode = 'disabled' if config.debug or not config.wandb.enabled else wandb_mode()
     if mode == 'offline':
         print('wandb: no credentials or no network; logging offline to a local run '
               '(upload later with `wandb sync`)', flush=True)
@@ -30,6 +30,26 @@ def init_wandb(config: DictConfig, run_id: Optional[str] = None):
         wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name, mode=mode,
                    config=OmegaConf.to_container(config), dir=config.local_run_dir, id=run_id,
                    resume='allow' if run_id else None)
+
+
+def wandb_mode() -> str:
+    """'online' with credentials and a reachable server, else 'offline' (a local run for `wandb sync`).
+    An explicit WANDB_MODE wins."""
+    if os.environ.get('WANDB_MODE'):
+        return os.environ['WANDB_MODE']
+    has_key = bool(os.environ.get('WANDB_API_KEY'))
+    if not has_key:
+        with contextlib.suppress(Exception):
+            import netrc
+            has_key = netrc.netrc().authenticators('api.wandb.ai') is not None
+    if not has_key:
+        return 'offline'
+    host = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai').split('://')[-1].split('/')[0]
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return 'online'
+    except OSError:
+        return 'offline'
 
 
 def finish_wandb():

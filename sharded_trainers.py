@@ -13,12 +13,13 @@ import torch
 from omegaconf import DictConfig
 
 import checkpoints
+import distributed
 import lora
 from trainers import BasicTrainer
 
 def _device_mesh(world_size: int):
     from torch.distributed.device_mesh import init_device_mesh
-    return init_device_mesh('cuda' if torch.cuda.is_available() else 'cpu', (world_size,))
+    return init_device_mesh(distributed.default_device(), (world_size,))
 
 
 class ShardedTrainer(BasicTrainer):
@@ -147,7 +148,7 @@ class TensorParallelTrainer(ShardedTrainer):
     def wrap_models(self, policy, reference_model):
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
         mesh = _device_mesh(self.world_size)
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        device = distributed.default_device()
         styles = {'colwise': ColwiseParallel, 'rowwise': RowwiseParallel}
         for model in (policy, reference_model):
             if model is None:

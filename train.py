@@ -20,12 +20,14 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import distributed
 import memory
 import models
 import preference_datasets
 import run_config
 import run_logging
 import sharded_trainers
+import stop_signals
 import trainers
 import utils
 from run_config import ConfigError, compose_config, missing_keys  # noqa: F401 (also train.X, as before)
@@ -67,23 +69,23 @@ def requeue_slurm_job():
 def worker_main(rank: int, world_size: int, config: DictConfig):
     """One process of the run (the only one for BasicTrainer): builds its models, trains (or continues
     the checkpoint that `open_run_dir` chose), saves."""
-    utils.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
+    stop_signals.catch_stop_signals()  # from here on, a preemption signal stops the run with exit 75
     trainer_class = TRAINERS[config.trainer]
     if trainer_class.distributed:
-        utils.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
+        distributed.init_distributed(rank, world_size, config.collective_timeout_s, config.slow_phase_timeout_s)
     resume_from, lock, created = open_run_dir(config, rank)
     finished = False
     try:
         run_training(rank, world_size, config, resume_from)
         finished = True
-    except (checkpoints.CheckpointError, utils.DiskFullError) as e:  # a full disk, a damaged or unsafe checkpoint
+    except checkpoints.CheckpointError as e:  # a full disk (DiskFullError), a damaged or unsafe checkpoint
         sys.exit(str(e) if rank == 0 else 1)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         sys.exit(f'disk full: {e}; the checkpoints written so far are intact' if rank == 0 else 1)
     except Exception as e:  # a rank that stops answering: one line from each rank that waited for it
-        line = utils.collective_failure_line(e, rank, config.collective_timeout_s, config.slow_phase_timeout_s)
+        line = distributed.collective_failure_line(e, rank, config.collective_timeout_s, config.slow_phase_timeout_s)
         if line is None:
             raise
         sys.exit(line)
@@ -115,7 +117,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         if resume_from and rank == 0 else None
     if rank == 0:
         run_logging.init_wandb(config, run_id)
-    utils.wait_for_all_ranks()  # ranks that loaded fast wait for one that tokenized or converted (slow_phase_timeout_s)
+    distributed.wait_for_all_ranks()  # ranks that loaded fast wait for one that tokenized or converted (slow_phase_timeout_s)
     try:
         trainer = trainer_class(policy, config, config.seed, config.local_run_dir,
                                 reference_model=reference_model, rank=rank, world_size=world_size, data=data)
@@ -134,7 +136,7 @@ def run_training(rank: int, world_size: int, config: DictConfig, resume_from: Op
         print(e, flush=True)
         # the checkpoint is written: a further SIGTERM (torchrun stopping the other processes once one has exited,
         # Slurm ending a requeued job) must not kill this process while it exits, after Python's handlers are gone
-        for signum in utils.STOP_SIGNALS:
+        for signum in stop_signals.STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
         if rank == 0:
             requeue_slurm_job()
@@ -178,10 +180,10 @@ def finished_run_without_optimizer(config: DictConfig, checkpoint: str, n_availa
 @hydra.main(version_base=None, config_path='config', config_name='config')
 def main(config: DictConfig):
     trainer_class = TRAINERS.get(config.trainer)  # check_config names an unknown trainer
-    distributed = trainer_class is not None and trainer_class.distributed
+    distributed_trainer = trainer_class is not None and trainer_class.distributed
     under_torchrun = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
     world_size = (int(os.environ['WORLD_SIZE']) if under_torchrun
-                  else max(1, torch.cuda.device_count()) if distributed else 1)
+                  else max(1, torch.cuda.device_count()) if distributed_trainer else 1)
     try:
         check_config(config, world_size)
         if config.model.archive is not None and not config.trust_checkpoint_code:
@@ -191,10 +193,10 @@ def main(config: DictConfig):
         sys.exit(f'config error: {e}')
     except checkpoints.CheckpointError as e:
         sys.exit(str(e))
-    if distributed and not under_torchrun:
+    if distributed_trainer and not under_torchrun:
         # as the reference: one process per local GPU (one on a CPU-only machine), rendezvous on this host
         os.environ.setdefault('MASTER_ADDR', 'localhost')
-        os.environ['MASTER_PORT'] = str(config.fsdp_port or utils.get_open_port())
+        os.environ['MASTER_PORT'] = str(config.fsdp_port or distributed.get_open_port())
         print(f'{config.trainer}: starting one process per local GPU ({world_size})', flush=True)
         mp.spawn(worker_main, nprocs=world_size, args=(world_size, config), join=True)
     else:

@@ -1,16 +1,16 @@
 """Trainers for SFT, TDPO (Zeng et al., ICML 2024, arXiv 2404.11999), DPO and IPO.
 
 Read top to bottom: `BasicTrainer`, the whole single-process run: its named hooks, the batch's metrics, then
-the loops (`evaluate`, `update`, `train`). It calls modules with one job each: pair_forward.py (the one forward
-pass every loss and trainer uses, and the choice of its layout and statistics), run_logging.py (metrics.jsonl,
-samples.jsonl, wandb), checkpoints.py (how checkpoints and the export are written and read), losses.py (the
-loss math; its names stay importable from here: `trainers.tdpo_loss`, `trainers._tdpo_get_batch_logps`, ...).
+the loops (`update`, `train`). It calls modules with one job each: pair_forward.py (the one forward pass every
+loss and trainer uses, and the choice of its layout and statistics), training_eval.py (the evaluation pass and
+its samples), run_logging.py (metrics.jsonl, samples.jsonl, wandb), checkpoints.py (how checkpoints and the
+export are written, read and resumed from), losses.py (the loss math; its names stay importable from here:
+`trainers.tdpo_loss`, `trainers._tdpo_get_batch_logps`, ...).
 The distributed trainers (sharded_trainers.py) subclass BasicTrainer and override only its named hooks.
 """
 import contextlib
 import math
 import os
-import random
 import time
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
@@ -20,12 +20,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 import checkpoints
+import distributed
 import lora
 import memory
 import pair_forward
 import preference_datasets
 import run_logging
+import stop_signals
 import token_stats
+import training_eval
 import utils
 from losses import (PreferenceLoss, SequenceStats, build_preference_loss, get_batch_logps,  # noqa: F401
                     preference_loss, tdpo_get_batch_logps, tdpo_loss)
@@ -69,10 +72,8 @@ class BasicTrainer:
         if data is None:  # train.py loads it before the models; tests and benchmarks leave it to the trainer
             data = preference_datasets.load_run_data(config, utils.get_local_dir(config.local_dirs), rank != 0)
         self.tokenizer, self.train_examples = data.tokenizer, data.train
-        eval_examples = list(data.eval)
-        random.Random(seed).shuffle(eval_examples)
-        n_eval = min(config.n_eval_examples or 0, len(eval_examples))
-        self.eval_examples = eval_examples[:n_eval - n_eval % self.data_world_size]  # equal slices per rank
+        self.eval_examples = preference_datasets.eval_examples(data.eval, seed, config.n_eval_examples,
+                                                               self.data_world_size)
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
         self.policy, self.reference_model = self.wrap_models(policy, reference_model)
@@ -106,10 +107,9 @@ class BasicTrainer:
 
     def wrap_models(self, policy, reference_model):
         """Place the models; a model already split over GPUs by device_map stays where it is."""
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
         for model in (policy, reference_model):
             if model is not None and not getattr(model, 'hf_device_map', None):
-                model.to(device)
+                model.to(distributed.default_device())
         return policy, reference_model
 
     def enable_activation_checkpointing(self):
@@ -130,12 +130,9 @@ class BasicTrainer:
         return token_stats.final_hidden_states(model, **inputs)
 
     def generate(self, model, batch: Dict, **generate_kwargs) -> torch.Tensor:
-        """Sampled continuations (B, new tokens) of the left-padded prompts."""
-        prompt = batch['prompt_input_ids']
-        output = model.generate(input_ids=prompt, attention_mask=batch['prompt_attention_mask'], do_sample=True,
-                                max_new_tokens=max(1, self.config.max_length - prompt.shape[1]),
-                                pad_token_id=self.tokenizer.pad_token_id, **generate_kwargs)
-        return output[:, prompt.shape[1]:]
+        """Sampled continuations (B, new tokens) of the left-padded prompts (training_eval.generate)."""
+        return training_eval.generate(model, batch, self.config.max_length, self.tokenizer.pad_token_id,
+                                      **generate_kwargs)
 
     @contextlib.contextmanager
     def reference_forward(self):
@@ -161,39 +158,18 @@ class BasicTrainer:
                 'scheduler.pt': self.scheduler.state_dict()}, None
 
     def save(self, output_dir: Optional[str] = None, metrics: Optional[Dict] = None):
-        """Write a checkpoint directory (default `<run_dir>/LATEST`) with checkpoints.save: the files of
-        `checkpoint_files` and training_state.pt, appearing only complete; then prune old ones."""
-        output_dir = output_dir or os.path.join(self.run_dir, 'LATEST')
-        if (os.path.realpath(output_dir), self.example_counter) == self.loaded_checkpoint:
-            return  # this state is the checkpoint just loaded: never rewrite it
-        files, sharded = self.checkpoint_files()
-        state = {**{key: getattr(self, key) for key in self.RESUMED}, 'rng': checkpoints.rng_state(),
-                 'wandb_id': run_logging.wandb_run_id()}  # training_state.pt
-        checkpoints.save(output_dir, self.example_counter, files, state, metrics, sharded, self.rank, self.world_size)
-        if self.rank == 0:
-            checkpoints.prune(self.run_dir, self.config.keep_checkpoints)
+        """Write a checkpoint directory (default `<run_dir>/LATEST`): the files of `checkpoint_files` and
+        training_state.pt, appearing only complete; then prune old ones (checkpoints.save_trainer)."""
+        checkpoints.save_trainer(self, output_dir, metrics, run_logging.wandb_run_id())
 
     def load_model_state(self, checkpoint_dir: str):
-        """Policy, optimizer and scheduler from a checkpoint directory written by `save`."""
-        load = lambda name: checkpoints.load_state(os.path.join(checkpoint_dir, name), self.config.trust_checkpoint_code)
-        # what policy_state_dict() returned; frozen weights stay as the model files gave them
-        lora.load_trainable_state(self.policy, load('policy.pt'), 'the checkpoint\'s policy.pt')
-        self.optimizer.load_state_dict(load('optimizer.pt'))
-        self.scheduler.load_state_dict(load('scheduler.pt'))
+        """Policy, optimizer and scheduler from a checkpoint directory written by `save` (checkpoints)."""
+        checkpoints.load_trainer_model_state(self, checkpoint_dir)
 
     def load_training_state(self, checkpoint_dir: str):
-        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters,
-        data position and RNG; metrics.jsonl loses the lines logged after that checkpoint."""
-        self.load_model_state(checkpoint_dir)
-        state = checkpoints.load_training_state(checkpoint_dir, self.config.trust_checkpoint_code)
-        for key in self.RESUMED:
-            setattr(self, key, state[key])
-        checkpoints.set_rng_state(state['rng'])
-        self.last_checkpoint = self.example_counter
-        self.loaded_checkpoint = (os.path.realpath(checkpoint_dir), self.example_counter)
-        if self.rank == 0:
-            checkpoints.truncate_metrics(self.metrics_path, self.example_counter)
-        utils.rank0_print(f'resumed from {checkpoint_dir} after {self.example_counter} examples')
+        """Continue from a checkpoint written by `save`: weights, optimizer, scheduler, counters, data position and
+        RNG; metrics.jsonl loses the lines logged after that checkpoint (checkpoints.resume_trainer)."""
+        checkpoints.resume_trainer(self, checkpoint_dir)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` is true on any rank, so that all ranks take the same branch."""
@@ -204,11 +180,8 @@ class BasicTrainer:
         return bool(value.item())
 
     def export_hf(self, output_dir: Optional[str] = None):
-        """The policy in Hugging Face format with its tokenizer (default <run dir>/hf; checkpoints.export_hf)."""
-        state = self.policy_state_dict(trainable_only=False)  # every rank takes part in gathering a sharded policy
-        if self.rank == 0:
-            checkpoints.export_hf(self.policy, state, self.tokenizer, self.run_dir,
-                                  output_dir or os.path.join(self.run_dir, 'hf'))
+        """The policy in Hugging Face format with its tokenizer (default <run dir>/hf; checkpoints)."""
+        checkpoints.export_trainer_hf(self, output_dir)
 
     # ---- forward and metrics -------------------------------------------------------------------
 
@@ -244,18 +217,13 @@ class BasicTrainer:
             losses, chosen_rewards, rejected_rewards = self.preference_loss(chosen, rejected)
             values = pair_forward.preference_metrics(split, chosen, rejected, chosen_rewards, rejected_rewards)
         values[f'loss/{split}'] = losses
-        metrics = {k: utils.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
+        metrics = {k: distributed.all_gather_if_needed(v.detach().float(), self.data_world_size).cpu().tolist()
                    for k, v in values.items()}
         return losses.mean(), metrics
 
     def get_batch_samples(self, batch: Dict) -> Tuple[List[str], List[str]]:
-        """Sampled completions from the policy and (for preference losses) the reference."""
-        decode = lambda ids: self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        policy_samples = decode(self.generate(self.policy, batch))
-        if self.is_sft:
-            return policy_samples, []
-        with self.reference_forward() as reference:
-            return policy_samples, decode(self.generate(reference, batch))
+        """Sampled completions from the policy and (for preference losses) the reference (training_eval)."""
+        return training_eval.batch_samples(self, batch)
 
     # ---- the run -------------------------------------------------------------------------------
 
@@ -266,38 +234,15 @@ class BasicTrainer:
 
     def _log_train(self):
         """Log the means of the training metrics pending since the last log, with the counters."""
-        if not self.pending_metrics:
-            return
-        mean_metrics = run_logging.train_metrics(self.pending_metrics, self.example_counter, self.batch_counter,
-                                                 self.nonfinite_updates)
-        self.pending_metrics = defaultdict(list)
-        self.log(mean_metrics, 'train')
+        if self.pending_metrics:
+            mean_metrics = run_logging.train_metrics(self.pending_metrics, self.example_counter, self.batch_counter,
+                                                     self.nonfinite_updates)
+            self.pending_metrics = defaultdict(list)
+            self.log(mean_metrics, 'train')
 
     def evaluate(self) -> Dict[str, float]:
-        utils.rank0_print(f'running evaluation after {self.example_counter} train examples')
-        self.policy.eval()
-        all_metrics = defaultdict(list)
-        batches = preference_datasets.batch_iterator(self.eval_examples, self.config.eval_batch_size,
-                                                     self.tokenizer.pad_token_id, shuffle=False, n_epochs=1,
-                                                     drop_last=False)
-        samples, n_sample_batches = [], math.ceil(self.config.n_eval_model_samples / self.config.eval_batch_size)
-        for i, batch in enumerate(tqdm(batches, desc='Computing eval metrics', disable=self.rank != 0, leave=False)):
-            local = utils.move_batch(utils.slice_batch(batch, self.data_rank, self.data_world_size), self.device)
-            with torch.no_grad():
-                _, metrics = self.get_batch_metrics(local, train=False)
-            for k, v in metrics.items():
-                all_metrics[k].extend(v)
-            if self.config.sample_during_eval and i < n_sample_batches:
-                rows = run_logging.sample_rows(self.example_counter, local['prompt'], *self.get_batch_samples(local))
-                samples += utils.all_gather_objects(rows, self.data_world_size)  # the whole batch, in order
-        mean_metrics = run_logging.eval_metrics(all_metrics)  # means, their standard errors, n
-        self.last_eval = self.example_counter
-        utils.rank0_print(f'eval after {self.example_counter}: {utils.formatted_dict(mean_metrics)}')
-        self.log(mean_metrics, 'eval')
-        if samples and self.rank == 0:
-            run_logging.log_samples(samples[:self.config.n_eval_model_samples], self.example_counter, self.run_dir,
-                                    with_reference=not self.is_sft)
-        return mean_metrics
+        """The eval metrics' means over the eval examples, logged; samples if sample_during_eval (training_eval)."""
+        return training_eval.evaluate(self)
 
     def train_batches(self):
         """Training batches from the current position (`batch_counter` batches in, after a resume)."""
@@ -321,8 +266,8 @@ class BasicTrainer:
 
     @property
     def stop_signal(self) -> Optional[int]:
-        """SIGTERM or SIGUSR1 once this process received one (see `utils.catch_stop_signals`), else None."""
-        return utils.received_stop_signal()
+        """SIGTERM or SIGUSR1 once this process received one (see `stop_signals.catch_stop_signals`), else None."""
+        return stop_signals.received_stop_signal()
 
     def update(self, batch: Dict):
         """One optimizer update from gradient_accumulation_steps microbatches of this rank's share. A
@@ -363,7 +308,7 @@ class BasicTrainer:
         utils.rank0_print(f'using {c.optimizer} optimizer, {self.n_train_examples()} train examples')
         if self.example_counter == 0:
             utils.seed_everything(self.seed)
-        utils.catch_stop_signals()
+        stop_signals.catch_stop_signals()
         if self.any_rank(self.stop_signal is not None):  # it came while the run started: nothing new to save
             raise Preempted(f'stopped by signal {self.stop_signal} before the first update (after '
                             f'{self.example_counter} examples): no new checkpoint')

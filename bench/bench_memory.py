@@ -82,9 +82,10 @@ def hh_dialogues(path):
 def build_fixed_pairs(args, length, path):
     """Write `pairs` x (warmup + steps) HH-format rows whose prompt and both responses each exceed length/2
     tokens (see the module docstring); returns the file."""
+    import model_loading
     import utils
     config = compose(args, ['exp_name=x', f'local_dirs=[{os.path.join(ROOT, ".cache")}]'])
-    tokenizer = utils.load_tokenizer(config.model, utils.get_local_dir(config.local_dirs))
+    tokenizer = model_loading.load_tokenizer(config.model, utils.get_local_dir(config.local_dirs))
     count = lambda text: len(tokenizer(text, add_special_tokens=False)['input_ids'])
     rows = list(hh_dialogues(args.data))
     half, i, out = length // 2, 0, []

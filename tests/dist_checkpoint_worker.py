@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+import distributed
 import train
-import utils
 from helpers import CACHE, compose_config
 
 
@@ -33,7 +33,7 @@ def assert_equal(a, b, where=''):
 
 
 def main(tmp_dir):
-    utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
+    distributed.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     for trainer_name, lora_r in (('FSDPTrainer', None), ('TensorParallelTrainer', None), ('FSDPTrainer', 4)):
         run_dir = os.path.join(tmp_dir, f'{trainer_name}_lora{lora_r}')

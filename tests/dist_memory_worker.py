@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+import distributed
 import memory
 import train
 import utils
@@ -82,7 +83,7 @@ def check(tmp_dir, trainer_name, lora_r, layout, stats_impl, rank, world_size):
 
 
 def main(tmp_dir):
-    utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
+    distributed.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
     rank, world_size = dist.get_rank(), dist.get_world_size()
     for trainer_name, lora_r in (('FSDPTrainer', None), ('FSDPTrainer', 4), ('TensorParallelTrainer', None)):
         for layout, stats_impl in (('packed', 'fused'), ('padded', 'chunked'), ('shared', 'naive')):

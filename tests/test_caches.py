@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import checkpoints
+import model_loading
 import utils
 from helpers import CACHE, ROOT, compose_config
 
@@ -55,21 +56,21 @@ def test_manifest_names_a_truncated_a_corrupted_and_a_missing_file(tmp_path):
 
 def test_model_cache_rebuilds_a_truncated_or_corrupted_entry(tmp_path, capsys):
     model_config = compose_config(['model=tiny', 'exp_name=x']).model
-    entry = utils.resolve_model_source(model_config, utils.get_local_dir([CACHE]))  # converted once, shared
+    entry = model_loading.resolve_model_source(model_config, utils.get_local_dir([CACHE]))  # converted once, shared
     cache = str(tmp_path / 'cache')
     copy = os.path.join(cache, 'models', os.path.basename(entry))
     shutil.copytree(entry, copy)
-    assert utils.resolve_model_source(model_config, cache) == copy
+    assert model_loading.resolve_model_source(model_config, cache) == copy
     assert 'damaged' not in capsys.readouterr().out
     weights = os.path.join(copy, 'model.safetensors')
     size = truncate(weights)
-    assert utils.resolve_model_source(model_config, cache) == copy
+    assert model_loading.resolve_model_source(model_config, cache) == copy
     out = capsys.readouterr().out
     assert f'model cache {copy} is damaged (model.safetensors is {size // 2} bytes, its manifest says {size}); ' \
            f'converting' in out, out
     assert os.path.getsize(weights) == size and checkpoints.manifest_problem(os.path.join(copy, 'manifest.json')) is None
     corrupt_tail(weights)
-    utils.resolve_model_source(model_config, cache)
+    model_loading.resolve_model_source(model_config, cache)
     out = capsys.readouterr().out
     assert 'model.safetensors has the size its manifest says but other contents' in out, out
     from safetensors.torch import load_file

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import checkpoints
+import disk
 import utils
 from helpers import CACHE, ROOT, Payload, compose_config, plant, small_tmpfs, write_hh_file
 
@@ -351,15 +352,16 @@ CONVERT = textwrap.dedent('''
     import os, sys, time
     sys.path.insert(0, {root!r})
     import torch.distributed as dist
-    import utils
+    import distributed
+    import model_loading
     from helpers import compose_config
     if 'RANK' in os.environ:  # torchrun: as in train.py, the cache is first used with the process group up
-        utils.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
+        distributed.init_distributed(int(os.environ['RANK']), int(os.environ['WORLD_SIZE']))
         if dist.get_rank() == 0:
             time.sleep(3)  # rank 1 converts: transformers writes model files on rank 0 only, unless told
     config = compose_config(['model=tiny', 'exp_name=x'])
-    utils.load_model(config.model, 'float32', sys.argv[1])
-    print('target', utils.resolve_model_source(config.model, sys.argv[1]), flush=True)
+    model_loading.load_model(config.model, 'float32', sys.argv[1])
+    print('target', model_loading.resolve_model_source(config.model, sys.argv[1]), flush=True)
 ''')
 
 
@@ -450,7 +452,7 @@ def test_disk_full_is_recognised_through_wrapping_errors():
     transformers may wrap it; a plain error with space left is not a full disk."""
     wrapped = RuntimeError('save failed')
     wrapped.__cause__ = Exception('Error while serializing: I/O error: No space left on device (os error 28)')
-    assert utils.looks_like_disk_full(utils.exception_chain(wrapped), free=2**30)
-    assert utils.looks_like_disk_full(utils.exception_chain(OSError(errno.EDQUOT, 'Disk quota exceeded')), free=2**30)
-    assert utils.looks_like_disk_full(utils.exception_chain(RuntimeError('unexpected pos')), free=0)
-    assert not utils.looks_like_disk_full(utils.exception_chain(PermissionError(13, 'Permission denied')), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(wrapped), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(OSError(errno.EDQUOT, 'Disk quota exceeded')), free=2**30)
+    assert disk.looks_like_disk_full(disk.exception_chain(RuntimeError('unexpected pos')), free=0)
+    assert not disk.looks_like_disk_full(disk.exception_chain(PermissionError(13, 'Permission denied')), free=2**30)

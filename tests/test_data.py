@@ -35,10 +35,10 @@ PARTING_ROWS = (1254, 1688)
 def tokenizer():
     from hydra import compose, initialize_config_dir
     import run_config  # noqa: F401  registers the pkg_dir resolver
-    import utils
+    import model_loading
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         cfg = compose('config', overrides=['model=tiny', 'exp_name=t'])
-    return utils.load_tokenizer(cfg.model, os.path.join(ROOT, '.cache'))
+    return model_loading.load_tokenizer(cfg.model, os.path.join(ROOT, '.cache'))
 
 
 @pytest.fixture(scope='module')

@@ -13,15 +13,15 @@ import time
 import pytest
 import torch
 
+import model_loading
 import preference_datasets as pd
 import tokenized_cache
-import utils
 from helpers import CACHE, HH_SAMPLE, ROOT, compose_config, write_hh_file
 
 
 @pytest.fixture(scope='module')
 def tokenizer():
-    return utils.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
+    return model_loading.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
 
 
 def chat_file(path):
@@ -137,9 +137,9 @@ def test_unwritable_cache_does_not_stop_the_run(tokenizer, tmp_path, monkeypatch
 WORKER = r'''
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
-import preference_datasets as pd, utils
+import preference_datasets as pd, model_loading
 from helpers import compose_config
-tokenizer = utils.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, sys.argv[2])
+tokenizer = model_loading.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, sys.argv[2])
 real = pd.get_dataset
 def counting(*args, **kwargs):
     with open(sys.argv[5], 'a') as f:

@@ -12,15 +12,15 @@ import shutil
 import pytest
 
 import data_sources
+import model_loading
 import preference_datasets as pd
-import utils
 from helpers import CACHE, HH_SAMPLE, compose_config
 from preference_datasets import DataError, get_dataset, tokenize_dataset
 
 
 @pytest.fixture(scope='module')
 def tokenizer():
-    return utils.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
+    return model_loading.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
 
 
 # A Zephyr-style template with its own special tokens (added to a copy of the SmolLM2 tokenizer): a different

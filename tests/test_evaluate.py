@@ -144,12 +144,12 @@ def test_evaluation_computes_in_the_precision_the_run_trained_in(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import utils
+    import model_loading
     from helpers import compose_config
     run_dir, pairs = tmp_path / 'run', write_hh_file(tmp_path / 'pairs.jsonl', n=5)
     checkpoint = run_dir / 'step-4'
     checkpoint.mkdir(parents=True)
-    model = utils.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
+    model = model_loading.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
     torch.save({'step_idx': 4, 'state': model.state_dict(), 'metrics': {}}, checkpoint / 'policy.pt')  # untrained
     for reference_dtype, expected in ((None, ('bfloat16', 'bfloat16')), ('float32', ('bfloat16', 'float32'))):
         overrides = ['model=tiny', 'loss=tdpo', 'exp_name=x', f'local_dirs=[{CACHE}]', f'local_run_dir={run_dir}',
@@ -173,12 +173,12 @@ def test_checkpoint_whose_weights_do_not_fit_its_run_model_is_one_line(tmp_path)
     shape, or one missing) stops evaluate.py with one line naming the file, not a traceback."""
     from omegaconf import OmegaConf
 
-    import utils
+    import model_loading
     from helpers import compose_config
     run_dir, pairs = tmp_path / 'run', write_hh_file(tmp_path / 'pairs.jsonl', n=5)
     config = compose_config(['model=tiny', 'exp_name=x', f'local_dirs=[{CACHE}]', f'local_run_dir={run_dir}'])
     OmegaConf.resolve(config)
-    state = utils.load_model(config.model, 'float32', CACHE).state_dict()
+    state = model_loading.load_model(config.model, 'float32', CACHE).state_dict()
     name = next(k for k in state if k.endswith('q_proj.weight'))
     for broken, message in (({**state, name: state[name][:, :-1]}, 'size mismatch'),
                             ({k: v for k, v in state.items() if k != name}, '1 of its weights missing')):

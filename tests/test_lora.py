@@ -19,12 +19,12 @@ from torch.func import functional_call
 
 import lora
 import losses
+import model_loading
 import models
 import pair_layout
 import run_config
 import sharded_trainers
 import trainers
-import utils
 from helpers import CACHE, ROOT, compose_config, make_trainer, write_hh_file
 
 R, ALPHA = 4, 8  # scaling α / r = 2, so that a wrong scale shows
@@ -60,7 +60,7 @@ def randomize_b(policy, std=0.05, seed=1):
 
 def base_model(trainer):
     """The policy's base model, loaded again from the run's config without LoRA."""
-    return utils.load_model(trainer.config.model, trainer.config.model.policy_dtype, CACHE).eval()
+    return model_loading.load_model(trainer.config.model, trainer.config.model.policy_dtype, CACHE).eval()
 
 
 def inputs(batch):
@@ -301,7 +301,7 @@ def without_timing(run_dir):
 def sft_archive(tmp_path_factory):
     """A full SFT checkpoint's policy.pt (the format train.py writes): the tiny model moved off its init."""
     path = tmp_path_factory.mktemp('sft') / 'policy.pt'
-    model = utils.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
+    model = model_loading.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
     g = torch.Generator().manual_seed(2)
     state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()}
     torch.save({'step_idx': 64, 'state': state, 'metrics': {}}, path)
@@ -343,7 +343,7 @@ def test_train_resume_export_and_evaluate(tmp_path, sft_archive):
     assert without_timing(full)[-1]['kl_eval/chosen'] > 0
 
     # exports: the adapter on the SFT weights (peft) and the merged model (transformers) give the trained policy
-    base = utils.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
+    base = model_loading.load_model(compose_config(['model=tiny', 'exp_name=x']).model, 'float32', CACHE)
     base.load_state_dict(sft_state)
     with_adapter = PeftModel.from_pretrained(copy.deepcopy(base), os.path.join(full, 'adapter')).eval()
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(full, 'hf')).eval()

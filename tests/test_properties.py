@@ -5,8 +5,8 @@ import json
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+import model_loading
 import preference_datasets as pd
-import utils
 from helpers import CACHE, compose_config
 
 TEXT = st.one_of(st.text(max_size=40), st.text(min_size=300, max_size=3000),
@@ -16,7 +16,7 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 @functools.lru_cache()
 def tokenizer():
-    return utils.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
+    return model_loading.load_tokenizer(compose_config(['model=tiny', 'exp_name=t']).model, CACHE)
 
 
 @SETTINGS

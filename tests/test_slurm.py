@@ -17,8 +17,8 @@ import time
 
 import pytest
 
+import distributed
 import train
-import utils
 from helpers import CACHE, ROOT, write_hh_file
 
 TINY = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
@@ -35,7 +35,7 @@ def job_env(**variables):
     """sbatch --export: CPU processes, the test's python, and a rendezvous port free now (multi_node.sbatch), so
     that a process left on a fixed port cannot hold the job up."""
     variables = dict(NPROC_PER_NODE=2, PYTHON=sys.executable, OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1,
-                     RDZV_PORT=utils.get_open_port(), **variables)
+                     RDZV_PORT=distributed.get_open_port(), **variables)
     return '--export=ALL,' + ','.join(f'{k}={v}' for k, v in variables.items())
 
 
