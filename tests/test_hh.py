@@ -163,7 +163,10 @@ def test_extending_a_finished_run_without_optimizer_state_is_one_line(recipe):
     proc = subprocess.run([sys.executable, '-u', 'train.py', 'model=tiny', f'local_dirs=[{CACHE}]', 'loss=dpo',
                            'loss.beta=0.1', 'exp_name=hh_dpo', f'local_run_dir={run}', 'resume=true',
                            f'datasets=[{recipe["data"]}]', 'eval_fraction=0.25', 'batch_size=4', 'max_length=64',
-                           'max_prompt_length=32', 'n_examples=32', 'n_eval_examples=0', 'wandb.enabled=false'],
+                           'max_prompt_length=32', 'n_examples=32', 'n_eval_examples=0', 'wandb.enabled=false',
+                           # the run as the recipe launched it (else resume refuses the changed keys first)
+                           f'lr={TINY["LR"]}', 'optimizer=AdamW', 'warmup_steps=4',
+                           f'model.archive={recipe["dir"] / "runs" / "sft" / "LATEST" / "policy.pt"}'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
