@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 import checkpoints  # noqa: E402
 from evaluate import load, sample, vader_reward as reward  # noqa: E402
-from preference_datasets import _is_eval_prompt  # noqa: E402
+import preference_datasets  # noqa: E402
 
 SYSTEM = 'You are a film critic.'
 TITLES = ['Starfall Harbor', 'The Glass Orchard', 'Midnight at Pell Station', 'Copper Fields', 'The Last Lighthouse',
@@ -79,7 +79,7 @@ def is_eval_prompt(prompt: str, eval_fraction: float) -> bool:
     """preference_datasets' held-out rule for local files (stable md5 bucket of the rendered prompt).
     The demo's train prompts are all outside this slice and its test prompts all inside, so train.py keeps
     every train pair for training and every test pair for evaluation."""
-    return _is_eval_prompt(prompt, eval_fraction)
+    return preference_datasets.is_eval_prompt(prompt, eval_fraction)
 
 
 # --------------------------------------------------------------------------------------------------
