@@ -36,6 +36,7 @@ from losses import (PreferenceLoss, SequenceStats, build_preference_loss, get_ba
 _get_batch_logps = get_batch_logps  # the reference implementation's names, for its scripts and ours
 _tdpo_get_batch_logps = tdpo_get_batch_logps
 
+
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM/SIGUSR1 after writing a checkpoint (none before the first update); rerun with
     resume=true."""
