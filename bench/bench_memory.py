@@ -140,7 +140,8 @@ def measure(args, case, trainer, cuda):
     import torch
     import pair_layout
     import utils
-    times, cpu_times, positions, lengths = [], [], [], []
+    times, cpu_times, positions, lengths, peaks, held = [], [], [], [], [], []
+    loaded = None if cuda else proc_status_bytes('VmHWM')  # models, data and libraries, before any update
     for i, batch in enumerate(trainer.train_batches()):
         lengths += batch['chosen_attention_mask'].sum(1).tolist() + batch['rejected_attention_mask'].sum(1).tolist()
         positions.append(sum(pair_layout.arrange(utils.slice_batch(batch, j, case['accumulation']), 'packed',
@@ -153,12 +154,21 @@ def measure(args, case, trainer, cuda):
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
-    peak = torch.cuda.max_memory_allocated() if cuda else \
-        int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
+        if not cuda:  # how the peak and the memory held grow over updates (the allocator keeps freed blocks)
+            peaks.append(proc_status_bytes('VmHWM'))
+            held.append(proc_status_bytes('VmRSS'))
+    peak = torch.cuda.max_memory_allocated() if cuda else proc_status_bytes('VmHWM')
     return dict(case, step_s=statistics.median(times), times_s=times, cpu_s=statistics.median(cpu_times),
-                peak_bytes=peak, positions_per_update=statistics.mean(positions), mean_sequence_tokens=statistics.mean(lengths),
+                peak_bytes=peak, peak_before_updates_bytes=loaded, peak_after_update_bytes=peaks,
+                rss_after_update_bytes=held, positions_per_update=statistics.mean(positions),
+                mean_sequence_tokens=statistics.mean(lengths),
                 max_sequence_tokens=max(lengths), losses=trainer.pending_metrics['loss/train'],
                 device=torch.cuda.get_device_name() if cuda else 'cpu', loadavg_1min_after=os.getloadavg()[0])
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM: the peak RSS so far; VmRSS: now)."""
+    return int(open('/proc/self/status').read().split(field + ':')[1].split()[0]) * 1024
 
 
 def run_case(args, case):
