@@ -1,4 +1,4 @@
-"""Checkpoints and the run directory: how a run's state is written, verified, found and loaded.
+"""Checkpoints: how a run's state is written, verified, found and loaded.
 
 The trainer decides *what* a checkpoint holds (its hooks give state dicts on every rank layout); this
 module decides *how* it is written, checked and found, so that a run never loses work:
@@ -12,27 +12,19 @@ module decides *how* it is written, checked and found, so that a run never loses
 - `export_hf` writes the policy in Hugging Face format at the end of a run, its manifest last.
 - `save_trainer`, `load_trainer_model_state`, `resume_trainer`, `export_trainer_hf`: what BasicTrainer's `save`,
   `load_model_state`, `load_training_state` and `export_hf` do, with the trainer passed in.
-- `RunDirLock` holds an exclusive OS lock on the run directory for the life of the run.
-- `write_manifest` / `manifest_problem`: the same rule for cache entries (the model cache, the demo's and
-  recipes' generated pairs, evaluation results): files first, a manifest of sizes and hashes last, verified
-  on every read, so that no entry is trusted because it exists.
+Elsewhere: the run directory's lock (run_dirs.py), cache manifests (manifests.py), RNG state (utils.py).
 Never imports trainers.py.
 """
 import contextlib
-import fcntl
 import io
 import json
 import os
 import pickle
-import random
 import re
 import shutil
-import socket
-import time
 import zipfile
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: torch.distributed.checkpoint's
@@ -40,12 +32,13 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 import disk
 import distributed
 import lora
+import manifests
+import run_logging
 import utils
 
 TRAINING_STATE = 'training_state.pt'  # counters, RNG states, wandb run id: what resuming needs besides weights
 MANIFEST = 'manifest.json'            # written last: {'step': examples seen, 'files': {relative path: bytes}}
 SHARDED = 'sharded'                   # torch.distributed.checkpoint directory of the sharded trainers
-LOCK_FILE = '.lock'                   # in the run directory; says which host and pid hold the run
 TRUST_KEY = 'trust_checkpoint_code'   # the config key that allows loading files that run code
 CANDIDATE = re.compile(r'(step-\d+|LATEST)(?:\.(tmp|old)-\d+)?')  # checkpoint names, with interrupted-save leftovers
 
@@ -64,10 +57,6 @@ class DiskFullError(CheckpointError):
     stops the same way for a full disk."""
 
 
-class RunDirBusy(CheckpointError):
-    """Another live process holds the run directory's lock."""
-
-
 class Unverified(Exception):
     """A checkpoint directory that is not complete or not intact; the message says why."""
 
@@ -75,10 +64,6 @@ class Unverified(Exception):
 # --------------------------------------------------------------------------------------------------
 # Loading without running code
 # --------------------------------------------------------------------------------------------------
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
 
 def load_file(path: str, trust: bool = False, mmap: bool = False):
     """torch.load of a checkpoint file with weights_only=True; `mmap` maps tensors instead of reading
@@ -90,14 +75,14 @@ def load_file(path: str, trust: bool = False, mmap: bool = False):
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' not in str(e):
-            raise CheckpointError(f'{path}: cannot be read ({_first_line(e)})') from None
+            raise CheckpointError(f'{path}: cannot be read ({utils.first_line(e)})') from None
         if not trust:
             culprit = re.search(r'GLOBAL (\S+)', str(e))
             needs = f'it needs {culprit.group(1)}' if culprit else 'it holds more than tensors and plain containers'
             raise UnsafeCheckpointError(f'refusing to load {path}: unpickling it could run code ({needs}); if you '
                                         f'trust this file, set {TRUST_KEY}=true to load it anyway') from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f'{path}: cannot be read ({_first_line(e)})') from None
+        raise CheckpointError(f'{path}: cannot be read ({utils.first_line(e)})') from None
     print(f'{TRUST_KEY}=true: loading {path} with full unpickling (it can run code)', flush=True)
     return torch.load(path, map_location='cpu', weights_only=False)  # the documented opt-in, and only here
 
@@ -164,7 +149,7 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         except OSError as e:
             error = e
     if _gather(error is not None, world_size)[0]:  # also the barrier: the directory exists
-        _fail(path, tmp, error, rank, [(0, _first_line(error) if error else 'cannot create the directory')])
+        _fail(path, tmp, error, rank, [(0, utils.first_line(error) if error else 'cannot create the directory')])
     try:
         yield tmp
         if rank == 0:
@@ -173,7 +158,7 @@ def _atomic_directory(path: str, step: int, rank: int, world_size: int):
         if distributed.collective_failure(e) is not None:
             raise  # a rank stopped answering: no rank can agree on cleaning up; `<path>.tmp-<pid>` stays, unused
         error = e
-    messages = _gather(error and _first_line(list(_causes(error))[-1]), world_size)
+    messages = _gather(error and utils.first_line(list(_causes(error))[-1]), world_size)
     failures = [(r, message) for r, message in enumerate(messages) if message]
     if failures:
         _fail(path, tmp, error, rank, failures)
@@ -209,28 +194,20 @@ def _causes(error: Optional[BaseException]):
                 yield from _causes(failure)
 
 
-def _fsync(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_manifest(directory: str, step: int):
     """Flush every file to disk, then write the manifest of their sizes (last: it marks completeness)."""
     files = {}
     for root, _, names in os.walk(directory):
         for name in names:
             file = os.path.join(root, name)
-            _fsync(file)
+            utils.fsync_path(file)
             files[os.path.relpath(file, directory)] = os.path.getsize(file)
-        _fsync(root)
+        utils.fsync_path(root)
     with open(os.path.join(directory, MANIFEST), 'w') as f:
         json.dump({'step': step, 'files': dict(sorted(files.items()))}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(directory)
+    utils.fsync_path(directory)
 
 
 def _install(tmp: str, path: str):
@@ -244,77 +221,7 @@ def _install(tmp: str, path: str):
         shutil.rmtree(old)
     else:
         os.replace(tmp, path)
-    _fsync(os.path.dirname(os.path.abspath(path)))
-
-
-# --------------------------------------------------------------------------------------------------
-# Manifests of cache entries: files first, a manifest of their sizes and hashes last, verified on read
-# --------------------------------------------------------------------------------------------------
-
-HASHED_WHOLE = 64 * 2**20   # files up to this size are hashed whole; larger ones at SAMPLES evenly spaced blocks
-SAMPLES, SAMPLE_BYTES = 16, 2**20
-
-
-def file_fingerprint(path: str) -> Dict:
-    """{'size', 'sha256'} of a file: the hash of all of it up to HASHED_WHOLE bytes, else ('sampled_sha256') of
-    SAMPLES blocks of SAMPLE_BYTES at evenly spaced offsets, first and last included (16 MiB read whatever the
-    size: a truncation, an append or a damaged block there is seen; a change elsewhere in a large file is not)."""
-    import hashlib
-    size, digest = os.path.getsize(path), hashlib.sha256()
-    with open(path, 'rb') as f:
-        if size <= HASHED_WHOLE:
-            for block in iter(lambda: f.read(2**20), b''):
-                digest.update(block)
-            return {'size': size, 'sha256': digest.hexdigest()}
-        for i in range(SAMPLES):
-            f.seek((size - SAMPLE_BYTES) * i // (SAMPLES - 1))
-            digest.update(f.read(SAMPLE_BYTES))
-    return {'size': size, 'sampled_sha256': digest.hexdigest()}
-
-
-def write_manifest(manifest_path: str, paths: List[str]):
-    """Seal a cache entry: flush `paths` (files, or directories: every file in them) to disk, then write
-    `manifest_path` (atomically, last) with each file's path relative to the manifest's directory and its
-    `file_fingerprint`. Call it after the entry's files are complete; `manifest_problem` verifies it on read."""
-    base, files = os.path.dirname(os.path.abspath(manifest_path)), {}
-    for path in paths:
-        walked = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
-        for file in sorted(walked):
-            if os.path.abspath(file) == os.path.abspath(manifest_path):
-                continue  # the previous manifest of an entry written again
-            _fsync(file)
-            files[os.path.relpath(os.path.abspath(file), base)] = file_fingerprint(file)
-    tmp = f'{manifest_path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        json.dump({'files': files}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, manifest_path)
-    _fsync(base)
-
-
-def manifest_problem(manifest_path: str) -> Optional[str]:
-    """None if the entry that `write_manifest` sealed is intact: every file it lists exists with its size
-    and hash. Otherwise why not, naming the file, e.g. 'model.safetensors is 1024 bytes, its manifest says
-    538090408' or 'no manifest.json (an interrupted write, or written by an older version)'."""
-    base = os.path.dirname(os.path.abspath(manifest_path))
-    try:
-        with open(manifest_path) as f:
-            files = dict(json.load(f)['files'])
-    except FileNotFoundError:
-        return f'no {os.path.basename(manifest_path)} (an interrupted write, or written by an older version)'
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f'{os.path.basename(manifest_path)} is unreadable ({_first_line(e)})'
-    for name, want in files.items():  # sizes first: cheap
-        file = os.path.join(base, name)
-        if not os.path.isfile(file):
-            return f'{name} is missing'
-        if os.path.getsize(file) != want.get('size'):
-            return f'{name} is {os.path.getsize(file)} bytes, its manifest says {want.get("size")}'
-    for name, want in files.items():
-        if file_fingerprint(os.path.join(base, name)) != want:
-            return f'{name} has the size its manifest says but other contents (its sha256 differs)'
-    return None
+    utils.fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +238,7 @@ def verify(directory: str) -> int:
     except FileNotFoundError:
         raise Unverified(f'no {MANIFEST} (an interrupted write, or written by an older version)') from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise Unverified(f'{MANIFEST} is unreadable ({_first_line(e)})') from None
+        raise Unverified(f'{MANIFEST} is unreadable ({utils.first_line(e)})') from None
     for name, size in files.items():
         file = os.path.join(directory, name)
         if not os.path.isfile(file):
@@ -356,7 +263,7 @@ def check_loadable(directory: str, trust: bool = False):
         if not trust:  # with trust, it is loaded (and its code run) once, when the trainer loads it
             raise
     except (CheckpointError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise Unverified(_first_line(e)) from None
+        raise Unverified(utils.first_line(e)) from None
 
 
 def checkpoint_step(directory: str, trust: bool = False) -> int:
@@ -401,14 +308,6 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return find_latest(run_dir)[0]
 
 
-def newest_run_dir(exp_name: str, local_dirs: List[str]) -> Optional[str]:
-    """The newest `<exp_name>_<timestamp>` run directory that holds a checkpoint that verifies."""
-    parent = utils.get_local_dir(local_dirs)
-    pattern = re.escape(exp_name) + r'_\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+'
-    runs = sorted(d for d in (os.listdir(parent) if os.path.isdir(parent) else []) if re.fullmatch(pattern, d))
-    return next((os.path.join(parent, d) for d in reversed(runs) if latest_checkpoint(os.path.join(parent, d))), None)
-
-
 # --------------------------------------------------------------------------------------------------
 # Resuming (with the run directory locked)
 # --------------------------------------------------------------------------------------------------
@@ -449,28 +348,6 @@ def check_resume_from(checkpoint_dir: str, trust: bool = False) -> str:
     except Unverified as e:
         raise CheckpointError(f'resume_from={checkpoint_dir}: {e}') from None
     return checkpoint_dir
-
-
-def truncate_metrics(path: str, step: int):
-    """Keep the metrics.jsonl lines logged up to `step` (a resumed run logs the rest again) and drop a
-    torn line (a kill or a full disk in the middle of a write)."""
-    if not os.path.exists(path):
-        return
-    kept, torn = [], 0
-    with open(path, 'rb') as f:
-        for line in f:
-            try:
-                line_step = json.loads(line)['step']
-            except (ValueError, KeyError, TypeError):
-                torn += 1
-                continue
-            if line_step <= step:
-                kept.append(line.rstrip(b'\n') + b'\n')
-    if torn:
-        print(f'resume: dropped {torn} torn line(s) of {path}', flush=True)
-    with open(path + '.tmp', 'wb') as f:
-        f.writelines(kept)
-    os.replace(path + '.tmp', path)
 
 
 def prune(run_dir: str, keep: Optional[int]):
@@ -550,7 +427,7 @@ def export_hf(policy, full_state: Dict, tokenizer, run_dir: str, output_dir: str
     else:
         policy.save_pretrained(output_dir, state_dict=full_state)
         tokenizer.save_pretrained(output_dir)
-    write_manifest(os.path.join(output_dir, MANIFEST), [output_dir])  # last: complete
+    manifests.write_manifest(os.path.join(output_dir, MANIFEST), [output_dir])  # last: complete
     utils.rank0_print(f'exported the policy in Hugging Face format to {output_dir}')
 
 
@@ -567,7 +444,7 @@ def save_trainer(trainer, output_dir: Optional[str], metrics: Optional[Dict], wa
     if (os.path.realpath(output_dir), trainer.example_counter) == trainer.loaded_checkpoint:
         return  # this state is the checkpoint just loaded: never rewrite it
     files, sharded = trainer.checkpoint_files()
-    state = {**{key: getattr(trainer, key) for key in trainer.RESUMED}, 'rng': rng_state(),
+    state = {**{key: getattr(trainer, key) for key in trainer.RESUMED}, 'rng': utils.rng_state(),
              'wandb_id': wandb_id}  # training_state.pt
     save(output_dir, trainer.example_counter, files, state, metrics, sharded, trainer.rank, trainer.world_size)
     if trainer.rank == 0:
@@ -591,11 +468,11 @@ def resume_trainer(trainer, checkpoint_dir: str):
     state = load_training_state(checkpoint_dir, trainer.config.trust_checkpoint_code)
     for key in trainer.RESUMED:
         setattr(trainer, key, state[key])
-    set_rng_state(state['rng'])
+    utils.set_rng_state(state['rng'])
     trainer.last_checkpoint = trainer.example_counter
     trainer.loaded_checkpoint = (os.path.realpath(checkpoint_dir), trainer.example_counter)
     if trainer.rank == 0:
-        truncate_metrics(trainer.metrics_path, trainer.example_counter)
+        run_logging.truncate_metrics(trainer.metrics_path, trainer.example_counter)
     utils.rank0_print(f'resumed from {checkpoint_dir} after {trainer.example_counter} examples')
 
 
@@ -605,63 +482,6 @@ def export_trainer_hf(trainer, output_dir: Optional[str]):
     if trainer.rank == 0:
         export_hf(trainer.policy, state, trainer.tokenizer, trainer.run_dir,
                   output_dir or os.path.join(trainer.run_dir, 'hf'))
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state, stored as tensors, lists and numbers (they load with weights_only=True)
-# --------------------------------------------------------------------------------------------------
-
-def rng_state() -> Dict:
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    state = {'python': random.getstate(), 'numpy': [name, keys.tolist(), position, has_gauss, cached_gaussian],
-             'torch': torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict):
-    random.setstate(state['python'])
-    name, keys, position, has_gauss, cached_gaussian = state['numpy']
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
-
-
-# --------------------------------------------------------------------------------------------------
-# The run-directory lock
-# --------------------------------------------------------------------------------------------------
-
-class RunDirLock:
-    """An exclusive flock on `<run_dir>/.lock`, held until `release` or the process ends (a dead process
-    holds no lock). The file says which host and pid hold it."""
-
-    def __init__(self, run_dir: str):
-        self.fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            for _ in range(20):  # the holder writes who it is right after it locks
-                holder = os.pread(self.fd, 200, 0).decode(errors='replace').strip()
-                if holder:
-                    break
-                time.sleep(0.05)
-            self.release()
-            raise RunDirBusy(f'run directory {run_dir} is in use by {holder or "another process"}: another launch of this run is '
-                             f'writing to it; wait for it to end or stop it') from None
-        except OSError as e:  # a file system without locks
-            self.release()
-            print(f'warning: cannot lock run directory {run_dir} ({e.strerror}); nothing stops a second '
-                  f'launch of this run from writing into it', flush=True)
-            return
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f'host {socket.gethostname()} pid {os.getpid()}\n'.encode(), 0)
-
-    def release(self):
-        if self.fd is not None:
-            os.close(self.fd)  # closing the only descriptor releases the lock
-            self.fd = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -736,19 +556,19 @@ def load_sharded(checkpoint_dir: str, state: Dict, trust: bool = False):
             reader, planner = _safe_reader_and_planner(directory)
             dcp.load(state, storage_reader=reader, planner=planner)
     except (OSError, pickle.UnpicklingError, EOFError) as e:
-        raise CheckpointError(f'{directory}: cannot be read ({_first_line(e)})') from None
+        raise CheckpointError(f'{directory}: cannot be read ({utils.first_line(e)})') from None
     except CheckpointException as e:  # it wraps each rank's exception, ours included
         unsafe = [c for c in _causes(e) if isinstance(c, UnsafeCheckpointError)]
         if unsafe:
             raise unsafe[0] from None
-        raise CheckpointError(f'{directory}: cannot be read ({_first_line(list(_causes(e))[-1])})') from None
+        raise CheckpointError(f'{directory}: cannot be read ({utils.first_line(list(_causes(e))[-1])})') from None
 
 
 if __name__ == '__main__':  # for shell recipes: `python checkpoints.py verify MANIFEST`: exit 0 if the entry is intact
     import sys
     if len(sys.argv) != 3 or sys.argv[1] != 'verify':
         sys.exit('usage: python checkpoints.py verify MANIFEST (exit 0: the entry it seals is intact)')
-    damage = manifest_problem(sys.argv[2])
+    damage = manifests.manifest_problem(sys.argv[2])
     if damage is not None and os.path.isdir(os.path.dirname(os.path.abspath(sys.argv[2]))):
         print(f'{os.path.dirname(os.path.abspath(sys.argv[2]))} is damaged ({damage})', flush=True)
     sys.exit(0 if damage is None else 1)

@@ -22,6 +22,7 @@ import checkpoints
 import distributed
 import lora
 import losses
+import manifests
 import model_loading
 import preference_datasets
 import run_config  # noqa: F401 (registers the config resolvers)
@@ -351,7 +352,7 @@ def evaluate(config: DictConfig) -> Dict:
 
 
 def result_manifest(out: str) -> str:
-    """The manifest that seals an evaluation result (checkpoints.write_manifest), beside it."""
+    """The manifest that seals an evaluation result (manifests.write_manifest), beside it."""
     return out + '.manifest.json'
 
 
@@ -360,7 +361,7 @@ def evaluated(out: str) -> bool:
     one line (and evaluated again by the caller)."""
     if not os.path.exists(out):
         return False
-    problem = checkpoints.manifest_problem(result_manifest(out))
+    problem = manifests.manifest_problem(result_manifest(out))
     if problem is not None:
         print(f'evaluate: {out} is damaged ({problem}); evaluating again', flush=True)
         return False
@@ -387,7 +388,7 @@ def main(config: DictConfig):
     with open(out + '.tmp', 'w') as f:
         json.dump(result, f, indent=1)
     os.replace(out + '.tmp', out)
-    checkpoints.write_manifest(result_manifest(out), [out])
+    manifests.write_manifest(result_manifest(out), [out])
     print(json.dumps({k: v for k, v in result.items() if k != 'examples'}, indent=1))
     print(f'wrote {out}', flush=True)
 

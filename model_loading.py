@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import checkpoints
+import manifests
 from disk import exception_chain, looks_like_disk_full
 
 
@@ -63,12 +64,12 @@ def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
     """Dequantize a GGUF model once into a safetensors directory (model + tokenizer) and return it.
     Processes arriving together (torchrun ranks, two jobs on a node) take turns on a file lock: the
     first converts, the others wait and use its result. The directory appears only complete, with a
-    manifest (checkpoints.write_manifest) that every load verifies: a damaged entry is converted again."""
+    manifest (manifests.write_manifest) that every load verifies: a damaged entry is converted again."""
     source = os.path.join(model_config.name_or_path, model_config.gguf_file)
     size = os.path.getsize(source)
     target = os.path.join(cache_dir, 'models', f'{os.path.splitext(model_config.gguf_file)[0]}-{size}')
     manifest = os.path.join(target, checkpoints.MANIFEST)
-    if checkpoints.manifest_problem(manifest) is None:
+    if manifests.manifest_problem(manifest) is None:
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(f'{target}.lock', 'a') as lock:
@@ -83,7 +84,7 @@ def _gguf_cache(model_config: DictConfig, cache_dir: str) -> str:
             for leftover in glob.glob(glob.escape(target) + '.tmp*'):  # of killed conversions (we hold the lock)
                 shutil.rmtree(leftover, ignore_errors=True)
         if os.path.lexists(target):
-            problem = checkpoints.manifest_problem(manifest)
+            problem = manifests.manifest_problem(manifest)
             if problem is None:
                 return target  # another process converted it while this one waited
             print(f'model cache {target} is damaged ({problem}); converting {source} again', flush=True)
@@ -110,7 +111,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        checkpoints.write_manifest(os.path.join(tmp, checkpoints.MANIFEST), [tmp])
+        manifests.write_manifest(os.path.join(tmp, checkpoints.MANIFEST), [tmp])
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(os.path.dirname(target)).free
@@ -125,7 +126,7 @@ def _convert_gguf(model_config: DictConfig, source: str, target: str):
     try:
         os.rename(tmp, target)
     except OSError:  # another process (without a working lock) finished first: use its copy
-        if checkpoints.manifest_problem(os.path.join(target, checkpoints.MANIFEST)) is not None:
+        if manifests.manifest_problem(os.path.join(target, checkpoints.MANIFEST)) is not None:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,7 @@
 """What defines a run, recorded in its run directory, so that resuming never mixes two runs in one.
 
 `run.json` in the run directory holds the resolved training config and a fingerprint of each data source
-(`datasets`, `eval_datasets`): for a local file its size, modification time and checkpoints.file_fingerprint
+(`datasets`, `eval_datasets`): for a local file its size, modification time and manifests.file_fingerprint
 (a hash of all of it up to 64 MiB, else of 16 evenly spaced 1 MiB blocks, so that multi-GB files cost 16 MiB
 of reading); for a save_to_disk directory the same of each of its files; a hub data set by its name only.
 `resume=true` and `resume_from=` compare this launch with it before any model is loaded (`check_resume`):
@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-import checkpoints
 import data_sources
+import manifests
 
 RECORD = 'run.json'
 # may change when a run is continued: its length, how often it evaluates and checkpoints, what it logs
@@ -70,10 +70,10 @@ def data_fingerprint(name: str) -> Optional[Dict]:
         return None
     try:
         if kind == 'file' and os.path.isfile(path):
-            return {**checkpoints.file_fingerprint(path), 'mtime_ns': os.stat(path).st_mtime_ns}
+            return {**manifests.file_fingerprint(path), 'mtime_ns': os.stat(path).st_mtime_ns}
         if kind == 'disk':
             files = sorted(os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
-            return {os.path.relpath(f, path): checkpoints.file_fingerprint(f) for f in files}
+            return {os.path.relpath(f, path): manifests.file_fingerprint(f) for f in files}
     except OSError:
         return None
     return None

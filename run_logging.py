@@ -3,7 +3,8 @@
 What belongs here: starting wandb for a run (`init_wandb`; online or offline: `wandb_mode`) and the wandb run id
 its checkpoints record (`wandb_run_id`); the lines of metrics.jsonl with their wandb steps (`log`; what a line holds:
 `train_metrics`, `eval_metrics`) and the progress bar's numbers (`progress_postfix`); the evaluation samples in samples.jsonl
-and wandb tables (`sample_rows`, `log_samples`). The trainer decides when to log and what; this module decides
+and wandb tables (`sample_rows`, `log_samples`); cutting metrics.jsonl back to a resumed checkpoint's step
+(`truncate_metrics`). The trainer decides when to log and what; this module decides
 how it is written. wandb is imported inside the functions, so that importing the trainers does not load it;
 it runs only on rank 0 (train.py starts it there).
 """
@@ -124,3 +125,25 @@ def log_samples(samples: List[Dict], step: int, run_dir: str, with_reference: bo
         if with_reference:
             wandb.log({'reference_samples': wandb.Table(columns=columns, data=[[s['step'], s['prompt'], s['reference']] for s in samples])},
                       step=step)
+
+
+def truncate_metrics(path: str, step: int):
+    """Keep the metrics.jsonl lines logged up to `step` (a resumed run logs the rest again) and drop a
+    torn line (a kill or a full disk in the middle of a write)."""
+    if not os.path.exists(path):
+        return
+    kept, torn = [], 0
+    with open(path, 'rb') as f:
+        for line in f:
+            try:
+                line_step = json.loads(line)['step']
+            except (ValueError, KeyError, TypeError):
+                torn += 1
+                continue
+            if line_step <= step:
+                kept.append(line.rstrip(b'\n') + b'\n')
+    if torn:
+        print(f'resume: dropped {torn} torn line(s) of {path}', flush=True)
+    with open(path + '.tmp', 'wb') as f:
+        f.writelines(kept)
+    os.replace(path + '.tmp', path)

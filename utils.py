@@ -1,6 +1,7 @@
 """Small generic helpers, importing no module of the project: private run and cache directories (`get_local_dir`,
-`get_local_run_dir`, `make_private_dir`), `rank0_print`, `formatted_dict`, seeding (`seed_everything`), padding
-(`pad_to_length`), slicing and moving batches (`slice_batch`, `move_batch`). Nothing else belongs here: the process
+`get_local_run_dir`, `make_private_dir`), `rank0_print`, `formatted_dict`, seeding and RNG state (`seed_everything`,
+`rng_state`, `set_rng_state`), padding (`pad_to_length`), slicing and moving batches (`slice_batch`, `move_batch`), an
+exception's first line (`first_line`) and `fsync_path`. Nothing else belongs here: the process
 group is distributed.py's, stop signals stop_signals.py's, model and tokenizer loading model_loading.py's, full-disk
 detection disk.py's, wandb run_logging.py's."""
 import datetime
@@ -114,3 +115,37 @@ def slice_batch(batch: Dict, index: int, parts: int) -> Dict:
 
 def move_batch(batch: Dict, device) -> Dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), at most 200 characters."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def fsync_path(path: str):
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# RNG state, stored as tensors, lists and numbers (they load with weights_only=True)
+
+def rng_state() -> Dict:
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {'python': random.getstate(), 'numpy': [name, keys.tolist(), position, has_gauss, cached_gaussian],
+             'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict):
+    random.setstate(state['python'])
+    name, keys, position, has_gauss, cached_gaussian = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])

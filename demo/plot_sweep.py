@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoints  # noqa: E402
+import manifests  # noqa: E402
 
 METHOD_COLORS = {'DPO': 'tab:blue', 'f-DPO (FKL)': 'tab:gray', 'TDPO1': 'tab:green'}
 TDPO2_COLORS = ['tab:orange', 'tab:red', 'tab:purple', 'tab:brown', 'tab:pink']
@@ -61,7 +61,7 @@ def load_run(run_dir: str) -> Optional[Dict]:
     rows = read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
     evals = []
     for path in glob.glob(os.path.join(run_dir, 'step-*', 'eval.json')) + glob.glob(os.path.join(run_dir, 'eval.json')):
-        problem = checkpoints.manifest_problem(path + '.manifest.json')  # as evaluate.py seals it
+        problem = manifests.manifest_problem(path + '.manifest.json')  # as evaluate.py seals it
         if problem is not None:
             print(f'plot_sweep: leaving out {path}: damaged ({problem}); demo/sweep.sh evaluates it again', flush=True)
             continue

@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
-import checkpoints  # noqa: E402
+import manifests  # noqa: E402
 from evaluate import load, sample, vader_reward as reward  # noqa: E402
 import preference_datasets  # noqa: E402
 
@@ -100,7 +100,7 @@ def build(args):
     meta['format_version'] = 1
     manifest = args.out + '.manifest.json'  # sealed last: the three files are complete and intact
     if any(os.path.exists(p) for p in (args.out, test_out, meta_path)):
-        problem = checkpoints.manifest_problem(manifest)
+        problem = manifests.manifest_problem(manifest)
         if problem is None:
             with open(meta_path) as f:
                 old = json.load(f)
@@ -155,7 +155,7 @@ def build(args):
     with open(meta_path, 'w') as f:
         json.dump({'args': meta, 'n_train_pairs': stats['train']['pairs'], 'n_test_pairs': stats['test']['pairs'],
                    'stats': stats, 'build_seconds': seconds}, f, indent=1)
-    checkpoints.write_manifest(manifest, [args.out, test_out, meta_path])
+    manifests.write_manifest(manifest, [args.out, test_out, meta_path])
     print(f'build: done in {seconds:.0f} s')
 
 

@@ -1,5 +1,5 @@
-"""No cache is trusted because it exists: entries are sealed with checkpoints.write_manifest (sizes and hashes,
-written last) and verified with checkpoints.manifest_problem when read; a truncated or corrupted file of the
+"""No cache is trusted because it exists: entries are sealed with manifests.write_manifest (sizes and hashes,
+written last) and verified with manifests.manifest_problem when read; a truncated or corrupted file of the
 model cache (the dequantized GGUF model), of the demo's generated pairs or of an evaluation result is named
 in one line and the entry rebuilt."""
 import json
@@ -8,9 +8,7 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-import checkpoints
+import manifests
 import model_loading
 import utils
 from helpers import CACHE, ROOT, compose_config
@@ -36,22 +34,22 @@ def test_manifest_names_a_truncated_a_corrupted_and_a_missing_file(tmp_path):
     small, large = tmp_path / 'small.jsonl', tmp_path / 'large.bin'
     small.write_text('{"a": 1}\n' * 100)
     with open(large, 'wb') as f:  # above HASHED_WHOLE: hashed at sampled blocks
-        f.write(os.urandom(checkpoints.HASHED_WHOLE + 5 * 2**20))
+        f.write(os.urandom(manifests.HASHED_WHOLE + 5 * 2**20))
     manifest = str(tmp_path / 'entry.manifest.json')
-    checkpoints.write_manifest(manifest, [str(small), str(large)])
-    assert checkpoints.manifest_problem(manifest) is None
-    assert checkpoints.file_fingerprint(str(large))['sampled_sha256']
+    manifests.write_manifest(manifest, [str(small), str(large)])
+    assert manifests.manifest_problem(manifest) is None
+    assert manifests.file_fingerprint(str(large))['sampled_sha256']
     corrupt_tail(str(small))
-    assert checkpoints.manifest_problem(manifest) == 'small.jsonl has the size its manifest says but other contents ' \
+    assert manifests.manifest_problem(manifest) == 'small.jsonl has the size its manifest says but other contents ' \
                                                      '(its sha256 differs)'
     small.write_text('{"a": 1}\n' * 100)
-    assert checkpoints.manifest_problem(manifest) is None
+    assert manifests.manifest_problem(manifest) is None
     size = truncate(str(large))
-    assert checkpoints.manifest_problem(manifest) == f'large.bin is {size // 2} bytes, its manifest says {size}'
+    assert manifests.manifest_problem(manifest) == f'large.bin is {size // 2} bytes, its manifest says {size}'
     os.remove(large)
-    assert checkpoints.manifest_problem(manifest) == 'large.bin is missing'
+    assert manifests.manifest_problem(manifest) == 'large.bin is missing'
     os.remove(manifest)
-    assert checkpoints.manifest_problem(manifest).startswith('no entry.manifest.json')
+    assert manifests.manifest_problem(manifest).startswith('no entry.manifest.json')
 
 
 def test_model_cache_rebuilds_a_truncated_or_corrupted_entry(tmp_path, capsys):
@@ -68,7 +66,7 @@ def test_model_cache_rebuilds_a_truncated_or_corrupted_entry(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f'model cache {copy} is damaged (model.safetensors is {size // 2} bytes, its manifest says {size}); ' \
            f'converting' in out, out
-    assert os.path.getsize(weights) == size and checkpoints.manifest_problem(os.path.join(copy, 'manifest.json')) is None
+    assert os.path.getsize(weights) == size and manifests.manifest_problem(os.path.join(copy, 'manifest.json')) is None
     corrupt_tail(weights)
     model_loading.resolve_model_source(model_config, cache)
     out = capsys.readouterr().out
@@ -129,8 +127,8 @@ def test_verify_command_for_shell_recipes(tmp_path):
     entry = tmp_path / 'hf'
     entry.mkdir()
     (entry / 'config.json').write_text('{"a": 1}')
-    checkpoints.write_manifest(str(entry / 'manifest.json'), [str(entry)])
-    checkpoints.write_manifest(str(entry / 'manifest.json'), [str(entry)])  # sealed again: lists not itself
+    manifests.write_manifest(str(entry / 'manifest.json'), [str(entry)])
+    manifests.write_manifest(str(entry / 'manifest.json'), [str(entry)])  # sealed again: lists not itself
     verify = lambda path: subprocess.run([sys.executable, 'checkpoints.py', 'verify', path], cwd=ROOT,
                                          capture_output=True, text=True)
     proc = verify(str(entry / 'manifest.json'))

@@ -23,6 +23,8 @@ import torch
 
 import checkpoints
 import disk
+import run_dirs
+import run_logging
 import utils
 from helpers import CACHE, ROOT, Payload, compose_config, plant, small_tmpfs, write_hh_file
 
@@ -30,7 +32,7 @@ STATE = {'policy.pt': {'w': torch.arange(6.0).reshape(2, 3)}, 'optimizer.pt': {'
 
 
 def save(run_dir, name, step, files=STATE):
-    checkpoints.save(os.path.join(run_dir, name), step, files, {'example_counter': step, 'rng': checkpoints.rng_state()})
+    checkpoints.save(os.path.join(run_dir, name), step, files, {'example_counter': step, 'rng': utils.rng_state()})
     return os.path.join(run_dir, name)
 
 
@@ -141,7 +143,7 @@ def test_torn_last_metrics_line_is_dropped(tmp_path, capsys):
     with open(path, 'w') as f:
         f.writelines(lines)
         f.write('{"split": "train", "step": 10, "lo')  # a kill in the middle of a write
-    checkpoints.truncate_metrics(path, 6)
+    run_logging.truncate_metrics(path, 6)
     with open(path) as f:
         assert f.read() == ''.join(lines[:3])
     assert f'resume: dropped 1 torn line(s) of {path}' in capsys.readouterr().out
@@ -150,9 +152,9 @@ def test_torn_last_metrics_line_is_dropped(tmp_path, capsys):
 def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     random.random(), np.random.normal(), torch.rand(1)  # numpy now holds a cached gaussian
-    torch.save(checkpoints.rng_state(), tmp_path / 'rng.pt')
+    torch.save(utils.rng_state(), tmp_path / 'rng.pt')
     expected = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
-    checkpoints.set_rng_state(checkpoints.load_file(str(tmp_path / 'rng.pt')))
+    utils.set_rng_state(checkpoints.load_file(str(tmp_path / 'rng.pt')))
     got = (random.random(), np.random.normal(), np.random.rand(), torch.rand(3))
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
@@ -322,8 +324,8 @@ def test_a_planted_checkpoint_stops_evaluate_py(tmp_path):
 HOLD_LOCK = textwrap.dedent('''
     import sys, time
     sys.path.insert(0, {root!r})
-    import checkpoints
-    lock = checkpoints.RunDirLock(sys.argv[1])
+    import run_dirs
+    lock = run_dirs.RunDirLock(sys.argv[1])
     print('locked', flush=True)
     time.sleep(600)
 ''')
@@ -334,16 +336,16 @@ def test_run_dir_lock_names_the_holder_and_a_dead_holder_blocks_nothing(tmp_path
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == 'locked'
-        with pytest.raises(checkpoints.RunDirBusy) as e:
-            checkpoints.RunDirLock(str(tmp_path))
+        with pytest.raises(run_dirs.RunDirBusy) as e:
+            run_dirs.RunDirLock(str(tmp_path))
         import socket
         assert str(e.value) == (f'run directory {tmp_path} is in use by host {socket.gethostname()} pid {holder.pid}: '
                                 f'another launch of this run is writing to it; wait for it to end or stop it')
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    lock = checkpoints.RunDirLock(str(tmp_path))  # the dead process's lock went with it
-    with open(tmp_path / checkpoints.LOCK_FILE) as f:
+    lock = run_dirs.RunDirLock(str(tmp_path))  # the dead process's lock went with it
+    with open(tmp_path / run_dirs.LOCK_FILE) as f:
         assert f.read() == f'host {socket.gethostname()} pid {os.getpid()}\n'
     lock.release()
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-import checkpoints
+import manifests
 
 from tests.conftest import ROOT
 
@@ -38,7 +38,7 @@ def write_run(root, name, loss_yaml, index):
         (directory / 'eval.json').write_text(json.dumps({
             'examples_seen': seen, 'kl': kl, 'kl_stderr': 0.1, 'policy_reward': 0.3 + 0.01 * kl,
             'policy_reward_stderr': 0.05, 'reference_reward': 0.25}))
-        checkpoints.write_manifest(str(directory / 'eval.json.manifest.json'), [str(directory / 'eval.json')])  # as evaluate.py
+        manifests.write_manifest(str(directory / 'eval.json.manifest.json'), [str(directory / 'eval.json')])  # as evaluate.py
 
 
 def test_plot_sweep_draws_four_panels_from_synthetic_runs(tmp_path, capsys):

@@ -5,13 +5,11 @@ resume_allow_changes continues on purpose and is recorded in run.json; extending
 its weights (finished_run_keeps) stops with one line."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 import checkpoints
+import manifests
 import run_identity
 from helpers import CACHE, ROOT, write_hh_file
 
@@ -44,7 +42,7 @@ def test_resume_refuses_changed_config_and_data_and_continues_on_purpose(tmp_pat
     train(*args)
     record = os.path.join(run_dir, run_identity.RECORD)
     recorded = open(record).read()
-    assert checkpoints.manifest_problem(os.path.join(run_dir, 'hf', checkpoints.MANIFEST)) is None  # the export, sealed
+    assert manifests.manifest_problem(os.path.join(run_dir, 'hf', checkpoints.MANIFEST)) is None  # the export, sealed
 
     line = refusal(train(*args, 'loss.beta=0.5', expect=1))
     assert 'loss.beta 0.1 -> 0.5' in line and 'resume_allow_changes=[loss.beta]' in line, line
