@@ -99,17 +99,8 @@ def pareto_front(points: List[tuple]) -> List[tuple]:
     return front
 
 
-def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
-    """Draw the four panels into `out`; returns the figure. curves_beta: the β whose runs panels (b)–(d)
-    show (default: the smallest in the sweep), so that each method has one line there."""
-    if not runs:
-        raise SystemExit('plot_sweep: no preference runs found')
-    colors = colors_of(runs)
-    betas = sorted({r['beta'] for r in runs})
-    markers = {b: BETA_MARKERS[i % len(BETA_MARKERS)] for i, b in enumerate(betas)}
-    curves_beta = betas[0] if curves_beta is None else curves_beta
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    ax = axes[0, 0]
+def frontier_panel(ax, runs: List[Dict], colors: Dict, markers: Dict, betas: List[float]):
+    """Panel (a): each run's (KL, reward) points with their standard errors, each method's frontier, the SFT model."""
     reference_rewards = [e['reference_reward'] for r in runs for e in r['evals'] if 'reference_reward' in e]
     reference_reward = sum(reference_rewards) / len(reference_rewards) if reference_rewards else None
     labelled = set()
@@ -142,6 +133,10 @@ def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
            title=f"(a) reward–KL frontier (held-out prompts, n = {'/'.join(map(str, n_samples)) or '?'} samples)")
     ax.legend(fontsize=7, loc='lower right')
     ax.grid(alpha=0.3)
+
+
+def seqkl_panels(axes, runs: List[Dict], colors: Dict, curves_beta: float):
+    """Panels (b)-(d): the training SeqKL of the preferred and dispreferred responses and their margin, per method."""
     panels = [(axes[0, 1], 'kl_train/chosen', '(b) SeqKL of preferred responses', False),
               (axes[1, 0], 'kl_train/rejected', '(c) SeqKL of dispreferred responses', False),
               (axes[1, 1], 'kl_train/margin', '(d) |SeqKL(y_w) − SeqKL(y_l)|', True)]
@@ -157,6 +152,20 @@ def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
         ax.set(xlabel='training examples', ylabel='SeqKL(π_ref ‖ πθ) [nats]', title=f'{title}, β={curves_beta:g}')
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+
+
+def plot(runs: List[Dict], out: str, curves_beta: Optional[float] = None):
+    """Draw the four panels into `out`; returns the figure. curves_beta: the β whose runs panels (b)–(d)
+    show (default: the smallest in the sweep), so that each method has one line there."""
+    if not runs:
+        raise SystemExit('plot_sweep: no preference runs found')
+    colors = colors_of(runs)
+    betas = sorted({r['beta'] for r in runs})
+    markers = {b: BETA_MARKERS[i % len(BETA_MARKERS)] for i, b in enumerate(betas)}
+    curves_beta = betas[0] if curves_beta is None else curves_beta
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    frontier_panel(axes[0, 0], runs, colors, markers, betas)
+    seqkl_panels(axes, runs, colors, curves_beta)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=110)

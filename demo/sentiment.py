@@ -91,6 +91,24 @@ def test_path(out: str) -> str:
     return base + '_test.jsonl'
 
 
+def preference_rows(msgs_list: List, texts: List[str], min_gap: float):
+    """The pairs of two samples per prompt (`texts[2i]`, `texts[2i + 1]` for prompt i): the more positive one
+    chosen; a pair closer than `min_gap` in reward, or with an empty sample, dropped. Returns the rows, the number
+    dropped and every sample's reward."""
+    rows, n_ties, scores = [], 0, []
+    for i, msgs in enumerate(msgs_list):
+        a, b = texts[2 * i], texts[2 * i + 1]
+        ra, rb = reward(a), reward(b)
+        scores += [ra, rb]
+        if abs(ra - rb) < min_gap or not a or not b:
+            n_ties += 1
+            continue
+        (chosen, rc), (rejected, rr) = sorted([(a, ra), (b, rb)], key=lambda x: -x[1])
+        rows.append({'prompt': msgs, 'chosen': chosen, 'rejected': rejected,
+                     'chosen_reward': rc, 'rejected_reward': rr})
+    return rows, n_ties, scores
+
+
 def build(args):
     set_threads()
     test_out = args.test_out or test_path(args.out)
@@ -132,17 +150,7 @@ def build(args):
         responses = sample(model, tokenizer, doubled_ids, args.max_new_tokens, args.seed + (split == 'test'),
                               args.batch_size, args.temperature, desc=f'{split} samples')
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-        rows, n_ties, scores = [], 0, []
-        for i, msgs in enumerate(msgs_list):
-            a, b = texts[2 * i], texts[2 * i + 1]
-            ra, rb = reward(a), reward(b)
-            scores += [ra, rb]
-            if abs(ra - rb) < args.min_gap or not a or not b:
-                n_ties += 1
-                continue
-            (chosen, rc), (rejected, rr) = sorted([(a, ra), (b, rb)], key=lambda x: -x[1])
-            rows.append({'prompt': msgs, 'chosen': chosen, 'rejected': rejected,
-                         'chosen_reward': rc, 'rejected_reward': rr})
+        rows, n_ties, scores = preference_rows(msgs_list, texts, args.min_gap)
         with open(path + '.tmp', 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in rows)
         os.replace(path + '.tmp', path)
