@@ -33,8 +33,8 @@ def test_a_stopped_rank_ends_the_job_and_resume_continues(tmp_path, trainer, pha
     args = [*ARGS, f'trainer={trainer}', f'datasets=[{write_hh_file(tmp_path / "pairs.jsonl")}]', f'local_run_dir={run_dir}']
     code, out, seconds = launch(os.path.join('tests', 'stop_rank_worker.py'), args, {'STOP_RANK_AT': phase})
     assert code != 0, out[-4000:]
-    # start, the stop, the timeout, 10 s naming the silent rank, torchrun's 30 s before it SIGKILLs the stopped
-    # rank; gloo's default timeout would be 30 minutes
+    # start, the stop, the timeout, 10 s naming the silent rank, then the stopped rank SIGKILLed as torchrun would
+    # (stop_rank_worker.py's watchdog, without torchrun's 30 s); gloo's default timeout would be 30 minutes
     assert seconds < 240, seconds
     stopped_at = out.index('rank 1: stopping myself')
     lines = [line for line in out.splitlines() if 'another rank stopped answering' in line]
