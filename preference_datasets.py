@@ -1,10 +1,9 @@
 """Preference data: the reference's hub data sets (hh, shp, se), users' files and hub data sets in TRL's
-formats, tokenization exactly as the model sees the text at inference (once, cached on disk), and padded,
-masked batches.
+formats, and tokenization exactly as the model sees the text at inference (once, cached on disk).
 
 A data set becomes `{prompt: {'responses': [str], 'pairs': [(i_chosen, i_rejected)], 'sft_target': str,
 'truncation_mode': 'keep_end' | 'keep_start'}}` (chat rows add their token ids: 'prompt_ids' and
-'response_ids'), is tokenized once into `Example`s, and `batch_iterator` shuffles and collates them into
+'response_ids'), is tokenized once into `Example`s, and `batches.batch_iterator` shuffles and collates them into
 the batches the trainers consume. Files and hub ids are read by `data_sources.py`, chat rows tokenized by
 `chat_tokens.py`, the tokenized examples cached by `tokenized_cache.py`.
 
@@ -15,20 +14,21 @@ import argparse
 import hashlib
 import json
 import os
-import random
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from tqdm import tqdm
 
+import batches
 import chat_tokens
 import data_sources
 import model_loading
 import tokenized_cache
 import utils
+from batches import batch_iterator  # noqa: F401  (the old import path preference_datasets.batch_iterator)
 from data_sources import DataError, is_local_file  # noqa: F401  (re-exported: callers catch DataError here)
 
 ASSISTANT, HUMAN = '\n\nAssistant:', '\n\nHuman:'
@@ -69,7 +69,7 @@ class Pair(NamedTuple):
     ids: Optional[Tuple[List[int], List[int], List[int]]] = None
 
 
-def _group(pairs: Iterable[Pair]) -> Dict:
+def group_pairs(pairs: Iterable[Pair]) -> Dict:
     """Pairs -> the reference's per-prompt dict (the last pair's chosen response is the SFT target; the
     first pair of a prompt decides its truncation mode)."""
     data = {}
@@ -100,7 +100,7 @@ def get_hh(split: str, silent: bool = False, cache_dir: Optional[str] = None, on
             bad.handle(e)
     bad.report()
     report_identical(parsed, f'hh {split}', report)
-    return _group(parsed)
+    return group_pairs(parsed)
 
 
 def get_shp(split: str, silent: bool = False, cache_dir: Optional[str] = None, on_bad_example: str = 'error',
@@ -321,7 +321,7 @@ def get_rows(name: str, split: str, tokenizer, eval_fraction: float, on_bad_exam
     if not pairs:
         raise DataError(f'{name}: no {split} pairs (eval_fraction={eval_fraction})')
     report_identical(pairs, name, report, wheres)
-    return _group(pairs)
+    return group_pairs(pairs)
 
 
 def get_local(path: str, split: str, tokenizer, eval_fraction: float, on_bad_example: str = 'error', **kwargs) -> Dict:
@@ -468,81 +468,6 @@ def load_run_data(config, cache_dir: str, silent: bool = False) -> RunData:
                    load_split(config, tokenizer, 'test', cache_dir, silent) if config.n_eval_examples else [])
 
 
-def _right_pad(seqs: List[List[int]], pad: int) -> torch.Tensor:
-    length = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad] * (length - len(s)) for s in seqs], dtype=torch.long)
-
-
-def collate(examples: List[Example], pad_token_id: int) -> Dict:
-    """Examples -> batch dict with the reference's keys. Sequences are right-padded (labels -100 on
-    prompt and padding); prompts alone are left-padded, for generation."""
-    batch = {'prompt': [e.prompt for e in examples]}
-    longest_prompt = max(len(e.prompt_ids) for e in examples)
-    batch['prompt_input_ids'] = torch.tensor([[pad_token_id] * (longest_prompt - len(e.prompt_ids)) + e.prompt_ids
-                                              for e in examples], dtype=torch.long)
-    batch['prompt_attention_mask'] = torch.tensor([[0] * (longest_prompt - len(e.prompt_ids)) + [1] * len(e.prompt_ids)
-                                                   for e in examples], dtype=torch.long)
-    kinds = ('chosen',) if examples[0].rejected_ids is None else ('chosen', 'rejected')
-    for kind in kinds:
-        responses = [getattr(e, f'{kind}_ids') for e in examples]
-        batch[kind] = [e.prompt + getattr(e, kind) for e in examples]
-        batch[f'{kind}_response_only'] = [getattr(e, kind) for e in examples]
-        batch[f'{kind}_input_ids'] = _right_pad([e.prompt_ids + r for e, r in zip(examples, responses)], pad_token_id)
-        batch[f'{kind}_attention_mask'] = _right_pad([[1] * (len(e.prompt_ids) + len(r)) for e, r in zip(examples, responses)], 0)
-        batch[f'{kind}_labels'] = _right_pad([[-100] * len(e.prompt_ids) + r for e, r in zip(examples, responses)], -100)
-    return batch
-
-
-def eval_examples(examples: Iterable, seed: int, n_eval_examples: Optional[int], world_size: int) -> List:
-    """The examples a run evaluates on: `examples` shuffled with `seed`, the first n_eval_examples (null: none), fewer
-    where needed so that each of `world_size` ranks gets an equal slice."""
-    examples = list(examples)
-    random.Random(seed).shuffle(examples)
-    n_eval = min(n_eval_examples or 0, len(examples))
-    return examples[:n_eval - n_eval % world_size]  # equal slices per rank
-
-
-def n_train_examples(n_available: int, config) -> int:
-    """Examples a run of `config` trains on from `n_available`: whole batches only, as batch_iterator yields
-    them; 0 when there are fewer than one batch (batch_iterator then says so)."""
-    per_epoch = n_available // config.batch_size * config.batch_size
-    limits = [n // config.batch_size * config.batch_size
-              for n in (config.n_examples, config.n_epochs and config.n_epochs * per_epoch) if n]
-    return min(limits, default=0)
-
-
-def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, shuffle: bool = True, seed: int = 0,
-                   n_epochs: Optional[int] = None, n_examples: Optional[int] = None,
-                   drop_last: bool = True, skip_batches: int = 0) -> Iterator[Dict]:
-    """Collated batches over `examples` until n_epochs epochs or n_examples examples (whichever comes
-    first). Each epoch's order depends only on (seed, epoch), so a resumed run continues the same
-    sequence after `skip_batches` batches. Training drops a last partial batch, so every update sees
-    batch_size examples."""
-    assert n_epochs is not None or n_examples is not None, 'need n_epochs or n_examples'
-    if drop_last and len(examples) < batch_size:
-        raise DataError(f'only {len(examples)} examples, fewer than one batch of {batch_size}')
-    yielded, epoch, index = 0, 0, 0
-    while n_epochs is None or epoch < n_epochs:
-        order = list(range(len(examples)))
-        if shuffle:
-            random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            if n_examples is not None and len(chunk) > n_examples - yielded:
-                chunk = chunk[:n_examples - yielded]
-                if drop_last or not chunk:
-                    return  # the n_examples limit leaves no full batch (later epochs would not either)
-            if not chunk or (drop_last and len(chunk) < batch_size):
-                break
-            if index >= skip_batches:
-                yield collate([examples[i] for i in chunk], pad_token_id)
-            index += 1
-            yielded += len(chunk)
-            if n_examples is not None and yielded >= n_examples:
-                return
-        epoch += 1
-
-
 # ---------------------------------------------------------------------------------------------
 # The data inspection command
 # ---------------------------------------------------------------------------------------------
@@ -550,7 +475,7 @@ def batch_iterator(examples: List[Example], batch_size: int, pad_token_id: int, 
 def example_record(example: Example, pad_token_id: int) -> Dict:
     """An example exactly as training collates it (a batch of one, so unpadded), with the reference's
     keys: prompt_input_ids, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels, and the texts."""
-    batch = collate([example], pad_token_id)
+    batch = batches.collate([example], pad_token_id)
     return {k: (v[0].tolist() if torch.is_tensor(v) else v[0]) for k, v in batch.items() if not k.endswith('attention_mask')}
 
 

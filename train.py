@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
+import batches
 import checkpoints
 import distributed
 import memory
@@ -164,7 +165,7 @@ def finished_run_without_optimizer(config: DictConfig, checkpoint: str, n_availa
     the run is complete with its hf/ export; else stop with one line (there is no optimizer state to go on)."""
     kept = checkpoints.finished_run_kept(checkpoint)
     seen = checkpoints.checkpoint_step(checkpoint, config.trust_checkpoint_code)
-    total = preference_datasets.n_train_examples(n_available, config)
+    total = batches.n_train_examples(n_available, config)
     exported = os.path.exists(os.path.join(config.local_run_dir, 'hf', 'config.json'))
     if seen >= total and exported:
         utils.rank0_print(f'{config.local_run_dir} finished after {seen} examples (finished_run_keeps={kept}): '

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+import batches
 import checkpoints
 import distributed
 import lora
@@ -73,7 +74,7 @@ class BasicTrainer:
         if data is None:  # train.py loads it before the models; tests and benchmarks leave it to the trainer
             data = preference_datasets.load_run_data(config, utils.get_local_dir(config.local_dirs), rank != 0)
         self.tokenizer, self.train_examples = data.tokenizer, data.train
-        self.eval_examples = preference_datasets.eval_examples(data.eval, seed, config.n_eval_examples,
+        self.eval_examples = batches.eval_examples(data.eval, seed, config.n_eval_examples,
                                                                self.data_world_size)
         utils.rank0_print(f'{len(self.train_examples)} train and {len(self.eval_examples)} eval examples')
 
@@ -248,13 +249,13 @@ class BasicTrainer:
     def train_batches(self):
         """Training batches from the current position (`batch_counter` batches in, after a resume)."""
         c = self.config
-        return preference_datasets.batch_iterator(self.train_examples, c.batch_size, self.tokenizer.pad_token_id,
+        return batches.batch_iterator(self.train_examples, c.batch_size, self.tokenizer.pad_token_id,
                                                   shuffle=True, seed=self.seed, n_epochs=c.n_epochs,
                                                   n_examples=c.n_examples, skip_batches=self.batch_counter)
 
     def n_train_examples(self) -> int:
         """Examples the run will train on: whole batches only, as batch_iterator yields them."""
-        return preference_datasets.n_train_examples(len(self.train_examples), self.config)
+        return batches.n_train_examples(len(self.train_examples), self.config)
 
     def checkpoint(self, metrics: Optional[Dict] = None):
         """A resumable step-N/ checkpoint; pending training metrics are logged first, so that a resumed

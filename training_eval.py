@@ -14,8 +14,8 @@ from typing import Dict, List, Tuple
 import torch
 from tqdm import tqdm
 
+import batches
 import distributed
-import preference_datasets
 import run_logging
 import utils
 
@@ -25,11 +25,10 @@ def evaluate(trainer) -> Dict[str, float]:
     utils.rank0_print(f'running evaluation after {trainer.example_counter} train examples')
     trainer.policy.eval()
     all_metrics = defaultdict(list)
-    batches = preference_datasets.batch_iterator(trainer.eval_examples, trainer.config.eval_batch_size,
-                                                 trainer.tokenizer.pad_token_id, shuffle=False, n_epochs=1,
-                                                 drop_last=False)
+    eval_batches = batches.batch_iterator(trainer.eval_examples, trainer.config.eval_batch_size,
+                                          trainer.tokenizer.pad_token_id, shuffle=False, n_epochs=1, drop_last=False)
     samples, n_sample_batches = [], math.ceil(trainer.config.n_eval_model_samples / trainer.config.eval_batch_size)
-    for i, batch in enumerate(tqdm(batches, desc='Computing eval metrics', disable=trainer.rank != 0, leave=False)):
+    for i, batch in enumerate(tqdm(eval_batches, desc='Computing eval metrics', disable=trainer.rank != 0, leave=False)):
         local = utils.move_batch(utils.slice_batch(batch, trainer.data_rank, trainer.data_world_size), trainer.device)
         with torch.no_grad():
             _, metrics = trainer.get_batch_metrics(local, train=False)

@@ -29,6 +29,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+import batches  # noqa: E402
 import evaluate  # noqa: E402
 import pair_layout  # noqa: E402
 import preference_datasets  # noqa: E402
@@ -123,7 +124,7 @@ def pair_scores(models: Dict[str, torch.nn.Module], reference: torch.nn.Module, 
     records = {name: [None] * len(examples) for name in models}
     start, done = time.time(), 0
     for indices in length_sorted_batches(examples, batch_size):
-        batch = utils.move_batch(preference_datasets.collate([examples[i] for i in indices], pad_id), device)
+        batch = utils.move_batch(batches.collate([examples[i] for i in indices], pad_id), device)
         layout = pair_layout.arrange(batch, layout_name, row_tokens)
         rows, targets, seq = pair_layout.response_rows(layout)
         stats = lambda logits, reference_logits: [s.tolist() for s in token_stats.chunked_row_stats(

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import preference_datasets as pd
-from preference_datasets import DataError, Example, batch_iterator, collate, get_dataset, tokenize_dataset
+from batches import batch_iterator, collate
+from preference_datasets import DataError, Example, get_dataset, tokenize_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import pair_layout
 from helpers import CACHE, HH_SAMPLE, make_trainer
 from pair_layout import PAIR_LAYOUTS, arrange, dense_mask, unpack
-from preference_datasets import Example, collate
+from batches import collate
+from preference_datasets import Example
 
 
 def random_batch(seed=0, n=5, sft=False):

@@ -5,6 +5,7 @@ import json
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+import batches
 import model_loading
 import preference_datasets as pd
 from helpers import CACHE, compose_config
@@ -44,10 +45,10 @@ def test_parsing_raises_only_data_errors(row):
 def test_tokenized_batches_have_consistent_masks_and_labels(pairs, mode, max_length, sft, data):
     max_prompt_length = data.draw(st.integers(1, max_length - 1))
     tok = tokenizer()
-    grouped = pd._group(pd.Pair(*pair, mode) for pair in pairs)
+    grouped = pd.group_pairs(pd.Pair(*pair, mode) for pair in pairs)
     examples = pd.tokenize_dataset(grouped, tok, max_length, max_prompt_length, sft_mode=sft, silent=True)
     assert len(examples) == (len(grouped) if sft else len(pairs))
-    batch = pd.collate(examples, tok.pad_token_id)
+    batch = batches.collate(examples, tok.pad_token_id)
     for kind in ('chosen',) if sft else ('chosen', 'rejected'):
         ids, mask, labels = (batch[f'{kind}_{k}'] for k in ('input_ids', 'attention_mask', 'labels'))
         assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= max_length
