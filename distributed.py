@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+import utils
 from disk import exception_chain
 
 
@@ -105,7 +106,7 @@ def collective_failure_line(error: BaseException, rank: int, timeout_s: float, s
                                wait_all_ranks=True)
     except RuntimeError as e:
         silent = f'; {str(e).strip().splitlines()[0]}'
-    backend = str(failure).strip().splitlines()[0][:200]
+    backend = utils.first_line(failure)
     return (f'rank {rank}: collective {_collective_site(failure)} failed: another rank stopped answering ({backend}'
             f'{silent}; collective_timeout_s={timeout_s:g}, slow_phase_timeout_s={slow_timeout_s:g}). The checkpoints '
             f'written so far are intact: rerun with resume=true to continue from the last complete one')
