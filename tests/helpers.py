@@ -3,7 +3,11 @@ planted checkpoint that would create a file if it were unpickled."""
 import contextlib
 import json
 import os
+import re
+import shutil
 import subprocess
+import sys
+import warnings
 
 import pytest
 import torch
@@ -15,6 +19,49 @@ from run_config import compose_config  # noqa: F401 (the tests import it from he
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, '.cache')  # the dequantized model and tokenizer are cached here once
 HH_SAMPLE = os.path.join(ROOT, '..', 'shared', 'data', 'hh-rlhf-harmless-sample', 'rows.jsonl.gz')
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
+
+# what a rank that died in native code leaves in the output: libstdc++'s terminate, glibc's heap checks,
+# faulthandler's stack (PYTHONFAULTHANDLER=1), and torchrun's summary naming the signal
+_NATIVE_CRASH_LINE = re.compile(r'terminate called|what\(\):|Fatal Python error|corrupted|double free|'
+                                r'^(Current )?[Tt]hread 0x|^  File "|Signal \d+ \(SIG\w+\) received|exitcode  : -')
+
+
+def _root_cause_signal(out: str):
+    """The signal torchrun names as the root cause ('exitcode : -6' under 'Root Cause'), or None: a rank that
+    raised a Python exception (an assertion included) exits 1, never by a signal."""
+    match = re.search(r'Root Cause \(first observed failure\):.*?exitcode\s*:\s*(-\d+)', out, re.S)
+    return int(match.group(1)) if match else None
+
+
+def failure_report(out: str, tail: int = 6000) -> str:
+    """What a failed launch printed, for an assertion message: the lines that say how a rank died natively
+    (they come first and a tail alone loses them, as in one CI run), then the tail."""
+    crash = [line for line in out.splitlines() if _NATIVE_CRASH_LINE.search(line)][:60]
+    return ('\n'.join(crash) + '\n---- tail ----\n' if crash else '') + out[-tail:]
+
+
+def torchrun_worker(script: str, work_dir, timeout: float):
+    """`torchrun --standalone --nproc-per-node 2 tests/SCRIPT WORK_DIR` from the repository root, one thread per
+    rank, faulthandler on. A launch whose first failing rank was ended by a signal (a native crash in gloo or the
+    allocator; a rank whose code under test raises, an assertion included, exits 1) runs once more in a fresh
+    WORK_DIR/again holding WORK_DIR's files, with a warning that carries the crash's lines; a second crash, or
+    any failure by exception, is returned as it is."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONFAULTHANDLER='1')
+    launch = lambda d: subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', script), str(d)], cwd=ROOT, env=env,
+                                      capture_output=True, text=True, timeout=timeout)
+    proc = launch(work_dir)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and _root_cause_signal(out) is not None:
+        warnings.warn(f'{script}: a rank was ended by signal {-_root_cause_signal(out)}; launched once more:\n'
+                      f'{failure_report(out, tail=2000)}')
+        again = os.path.join(work_dir, 'again')
+        os.makedirs(again)
+        for name in os.listdir(work_dir):
+            if os.path.isfile(os.path.join(work_dir, name)):
+                shutil.copy(os.path.join(work_dir, name), again)
+        proc = launch(again)
+    return proc
 
 
 # SeqKL of a policy equal to its reference, in the same precision: zero up to the rounding of the statistics'

@@ -2,6 +2,7 @@
 BasicTrainer on the same data and seed: the same losses, metrics and updated weights within float32
 tolerance, with each rank's batch split into 2 accumulation steps (2 ranks x 2 microbatches of 1 = one
 batch of 4); sharded checkpoints load back; `python train.py` spawns the workers itself, with mixed precision."""
+import contextlib
 import getpass
 import glob
 import json
@@ -13,19 +14,18 @@ import sys
 import pytest
 import torch
 
-from helpers import CACHE, ROOT, small_tmpfs, write_hh_file
+from helpers import CACHE, ROOT, TORCHRUN, failure_report, small_tmpfs, torchrun_worker, write_hh_file
 
 COMMON = ['model=tiny', f'local_dirs=[{CACHE}]', 'batch_size=4', 'eval_batch_size=4', 'max_length=64',
           'max_prompt_length=32', 'eval_fraction=0.25', 'n_eval_examples=8', 'n_eval_model_samples=4',
           'optimizer=SGD', 'lr=1e-2', 'warmup_steps=0', 'n_examples=8', 'eval_every=8',
           'minimum_log_interval_secs=0', 'wandb.enabled=false']
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
 
 
 def run(launcher, args):
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([*launcher, 'train.py', *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, failure_report(proc.stdout + proc.stderr)
     return proc.stdout + proc.stderr
 
 
@@ -140,10 +140,8 @@ def test_fsdp_lora_equals_basic_trainer_lora(tmp_path):
 def test_sharded_checkpoints_load_back(tmp_path):
     """Save after one AdamW update, load into fresh FSDP and TP trainers: same weights, optimizer state, step."""
     write_hh_file(tmp_path / 'pairs.jsonl')
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', 'dist_checkpoint_worker.py'), str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    proc = torchrun_worker('dist_checkpoint_worker.py', tmp_path, timeout=600)
+    assert proc.returncode == 0, failure_report(proc.stdout + proc.stderr)
     assert proc.stdout.count('checkpoint ok') == 6, proc.stdout  # (FSDP, TP, FSDP with LoRA) x 2 ranks
 
 
@@ -165,3 +163,18 @@ def test_sharded_checkpoint_on_a_full_disk_stops_every_rank_with_one_line(tmp_pa
         assert 'checkpoints.py", line' not in out and 'trainers.py", line' not in out, out[-4000:]
         assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
         assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
+
+
+@pytest.mark.parametrize('mode', ['abort', 'raise'])
+def test_a_native_crash_is_launched_once_more_and_an_assertion_is_not(tmp_path, mode):
+    """helpers.torchrun_worker: a rank ended by SIGABRT (a native crash, once seen in CI in gloo) is launched
+    once more in a fresh directory, with a warning that names the signal; an assertion fails at once."""
+    (tmp_path / 'mode').write_text(mode)
+    with pytest.warns(UserWarning, match='ended by signal 6') if mode == 'abort' else contextlib.nullcontext():
+        proc = torchrun_worker('crash_worker.py', tmp_path, timeout=120)
+    out = proc.stdout + proc.stderr
+    if mode == 'abort':
+        assert proc.returncode == 0 and proc.stdout.count('crash worker ok') == 2, failure_report(out)
+        assert (tmp_path / 'again' / 'mode').read_text() == 'abort'
+    else:
+        assert proc.returncode == 1 and 'planted assertion' in out and not (tmp_path / 'again').exists(), out[-3000:]

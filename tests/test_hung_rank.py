@@ -5,15 +5,13 @@ a checkpoint write) with one line naming the collective and the silent rank, no 
 half-written under a final name, and resume=true must continue from the last complete checkpoint."""
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 import checkpoints
-from helpers import CACHE, ROOT, write_hh_file
+from helpers import CACHE, ROOT, TORCHRUN, write_hh_file
 
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
 ARGS = ['model=tiny', f'local_dirs=[{CACHE}]', 'loss=sft', 'batch_size=2', 'max_length=48', 'max_prompt_length=24',
         'n_examples=12', 'checkpoint_every=4', 'n_eval_examples=0', 'minimum_log_interval_secs=0',
         'wandb.enabled=false', 'exp_name=hang', 'collective_timeout_s=10', 'slow_phase_timeout_s=15']

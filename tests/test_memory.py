@@ -15,7 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 import checkpoints
 import memory
-from helpers import CACHE, ROOT, compose_config, make_trainer, write_hh_file
+from helpers import CACHE, ROOT, TORCHRUN, compose_config, failure_report, make_trainer, torchrun_worker, write_hh_file
 
 LORA = {'lora.r': 4, 'lora.alpha': 8}
 
@@ -256,15 +256,11 @@ def test_train_py_out_of_memory_stops_with_one_line_and_keeps_checkpoints(tmp_pa
 
 # ---- FSDPTrainer and TensorParallelTrainer -------------------------------------------------------
 
-TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2']
-
-
 def test_distributed_exactness(tmp_path):
     """tests/dist_memory_worker.py: FSDP (full, LoRA) and tensor parallelism; packed, padded and shared rows; 2 CPU ranks."""
     write_hh_file(tmp_path / 'pairs.jsonl')
-    proc = subprocess.run([*TORCHRUN, os.path.join(ROOT, 'tests', 'dist_memory_worker.py'), str(tmp_path)], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    proc = torchrun_worker('dist_memory_worker.py', tmp_path, timeout=900)
+    assert proc.returncode == 0, failure_report(proc.stdout + proc.stderr)
     assert proc.stdout.count('memory ok') == 18, proc.stdout  # 3 trainers x 3 (layout, stats_impl) x 2 ranks
 
 
