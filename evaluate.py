@@ -140,23 +140,23 @@ def _checkpoint_model(checkpoint: str, dtype: str, trust: bool = False):
         except checkpoints.Unverified as e:
             raise checkpoints.CheckpointError(f'checkpoint {checkpoint} is damaged: {e}') from None
     state = checkpoints.load_archive(os.path.join(checkpoint, 'policy.pt'), trust, mmap=True)['state']
-    run_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
-    cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-    model = model_loading.load_model(run_config.model, dtype, cache_dir)
+    saved_config = OmegaConf.load(os.path.join(os.path.dirname(checkpoint), 'config.yaml'))
+    cache_dir = utils.get_local_dir(list(saved_config.local_dirs))
+    model = model_loading.load_model(saved_config.model, dtype, cache_dir)
     if lora.holds_adapter(state):
-        policy = lora.wrap(_with_archive(model, run_config, trust), run_config.lora, run_config.seed)
+        policy = lora.wrap(_with_archive(model, saved_config, trust), saved_config.lora, saved_config.seed)
         lora.load_trainable_state(policy, state, f'{checkpoint}/policy.pt')
         model = policy.merge_and_unload()
     else:
-        model_loading.load_weights(model, state, f'{checkpoint}/policy.pt', run_config.model.name_or_path)
-    return model, model_loading.load_tokenizer(run_config.model, cache_dir)
+        model_loading.load_weights(model, state, f'{checkpoint}/policy.pt', saved_config.model.name_or_path)
+    return model, model_loading.load_tokenizer(saved_config.model, cache_dir)
 
 
-def _with_archive(model, run_config: DictConfig, trust: bool = False):
+def _with_archive(model, saved_config: DictConfig, trust: bool = False):
     """The base weights of a LoRA run: its model, with the model.archive it started from loaded."""
-    if run_config.model.archive:
-        state = checkpoints.load_archive(run_config.model.archive, trust, mmap=True)['state']
-        model_loading.load_weights(model, state, run_config.model.archive, run_config.model.name_or_path)
+    if saved_config.model.archive:
+        state = checkpoints.load_archive(saved_config.model.archive, trust, mmap=True)['state']
+        model_loading.load_weights(model, state, saved_config.model.archive, saved_config.model.name_or_path)
     return model
 
 
@@ -167,9 +167,9 @@ def _adapter_model(path: str, dtype: str, trust: bool = False):
     import transformers
     run_config_path = os.path.join(os.path.dirname(path), 'config.yaml')
     if os.path.exists(run_config_path):
-        run_config = OmegaConf.load(run_config_path)
-        cache_dir = utils.get_local_dir(list(run_config.local_dirs))
-        base = _with_archive(model_loading.load_model(run_config.model, dtype, cache_dir), run_config, trust)
+        saved_config = OmegaConf.load(run_config_path)
+        cache_dir = utils.get_local_dir(list(saved_config.local_dirs))
+        base = _with_archive(model_loading.load_model(saved_config.model, dtype, cache_dir), saved_config, trust)
     else:
         base_path = peft.PeftConfig.from_pretrained(path).base_model_name_or_path
         if not base_path:
@@ -238,9 +238,9 @@ def run_dtypes(kind: str, path: str) -> Tuple[str, str]:
                'hf': os.path.dirname(path) if os.path.basename(path) == 'hf' else None}.get(kind)
     if run_dir is None or not os.path.exists(os.path.join(run_dir, 'config.yaml')):
         return 'float32', 'float32'
-    run_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
-    trainer_class = sharded_trainers.TRAINERS[run_config.trainer]
-    return trainer_class.policy_compute_dtype(run_config.model), trainer_class.reference_dtype(run_config.model)
+    saved_config = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
+    trainer_class = sharded_trainers.TRAINERS[saved_config.trainer]
+    return trainer_class.policy_compute_dtype(saved_config.model), trainer_class.reference_dtype(saved_config.model)
 
 
 def load(spec: str, dtype: str = 'float32', trust: bool = False):

@@ -22,7 +22,6 @@ import torch
 
 import losses
 import token_stats
-import trainers
 from helpers import CACHE, ROOT, write_hh_file
 
 DEVICE = torch.device(os.environ.get('GPU_TESTS_DEVICE', 'cuda'))

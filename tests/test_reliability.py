@@ -265,7 +265,7 @@ def test_full_disk_stops_the_run_with_one_line_and_removes_the_partial_checkpoin
         lines = [line[line.index('disk full'):] for line in out.splitlines() if 'disk full' in line]
         assert len(lines) == 1 and 'Traceback' not in out, out[-3000:]
         assert lines[0].startswith(f'disk full while writing checkpoint {run_dir}/step-8 (')
-        assert lines[0].endswith(f'; the previous checkpoints are intact: free space, then rerun with resume=true')
+        assert lines[0].endswith('; the previous checkpoints are intact: free space, then rerun with resume=true')
         assert sorted(d for d in os.listdir(run_dir) if d.startswith('step-')) == ['step-4']
         assert checkpoints.verify(os.path.join(run_dir, 'step-4')) == 4
 

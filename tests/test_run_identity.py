@@ -71,7 +71,7 @@ def test_resume_refuses_changed_config_and_data_and_continues_on_purpose(tmp_pat
     with open(data, 'a') as f:
         f.write(original.splitlines(keepends=True)[0])
     out = train(*args, 'n_examples=16', 'loss.beta=0.5', 'resume_allow_changes=[loss.beta,datasets]')
-    assert f'with loss.beta 0.1 -> 0.5 (resume_allow_changes)' in out and 'resumed from' in out, out[-3000:]
+    assert 'with loss.beta 0.1 -> 0.5 (resume_allow_changes)' in out and 'resumed from' in out, out[-3000:]
     history = json.load(open(record))['changes']
     assert [h['changes'] for h in history] == [
         ['n_examples 8 -> 12'],

@@ -10,7 +10,6 @@ import losses
 import pair_layout
 import sharded_trainers
 import token_stats
-import trainers
 from helpers import EQUAL_MODELS_KL_BOUND, compose_config, make_trainer, write_hh_file
 
 
