@@ -171,3 +171,28 @@ def test_an_archive_that_does_not_fit_the_model_is_one_config_error(tmp_path, st
     message = str(error.value)
     assert '\n' not in message and message.startswith(f'model.archive={tmp_path / "policy.pt"} does not fit'), message
     assert re.search(problem, message), message
+
+
+def _anchors(path: str) -> set:
+    """GitHub's anchors for the headings of a markdown file: lower case, punctuation but '-' and '_' dropped,
+    spaces as '-'."""
+    with open(path) as f:
+        headings = [line.lstrip('#').strip() for line in f if line.startswith('#')]
+    return {re.sub(r'[^\w\- ]', '', h.lower()).replace(' ', '-') for h in headings}
+
+
+@pytest.mark.parametrize('guide', GUIDES + ['tests/README.md'])
+def test_every_relative_link_resolves(guide):
+    """Each [text](path#anchor) of the guide that is not a URL names a file or directory of the repository and,
+    with an anchor, a heading of that file."""
+    with open(os.path.join(ROOT, guide)) as f:
+        links = re.findall(r'\]\(([^)\s]+)\)', f.read())
+    broken = []
+    for link in links:
+        if re.match(r'[a-z]+:', link):
+            continue
+        target, _, anchor = link.partition('#')
+        path = os.path.normpath(os.path.join(ROOT, os.path.dirname(guide), target)) if target else os.path.join(ROOT, guide)
+        if not os.path.exists(path) or (anchor and path.endswith('.md') and anchor not in _anchors(path)):
+            broken.append(link)
+    assert not broken, f'{guide}: {broken}'
