@@ -30,10 +30,11 @@ def file_fingerprint(path: str) -> Dict:
     return {'size': size, 'sampled_sha256': digest.hexdigest()}
 
 
-def write_manifest(manifest_path: str, paths: List[str]):
+def write_manifest(manifest_path: str, paths: List[str], extra: Optional[Dict] = None):
     """Seal a cache entry: flush `paths` (files, or directories: every file in them) to disk, then write
     `manifest_path` (atomically, last) with each file's path relative to the manifest's directory and its
-    `file_fingerprint`. Call it after the entry's files are complete; `manifest_problem` verifies it on read."""
+    `file_fingerprint`, and the entries of `extra` (what the entry was made from, e.g.) beside 'files'. Call it
+    after the entry's files are complete; `manifest_problem` verifies it on read."""
     base, files = os.path.dirname(os.path.abspath(manifest_path)), {}
     for path in paths:
         walked = [os.path.join(root, n) for root, _, names in os.walk(path) for n in names] if os.path.isdir(path) else [path]
@@ -44,7 +45,7 @@ def write_manifest(manifest_path: str, paths: List[str]):
             files[os.path.relpath(os.path.abspath(file), base)] = file_fingerprint(file)
     tmp = f'{manifest_path}.tmp-{os.getpid()}'
     with open(tmp, 'w') as f:
-        json.dump({'files': files}, f, indent=1)
+        json.dump({**(extra or {}), 'files': files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, manifest_path)

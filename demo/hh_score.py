@@ -12,11 +12,11 @@ the mean per-token entropy of the model's own samples on the first --n-gen held-
       [--validation-of 0.25] -- <train.py overrides naming the data, lengths and model>
 
 writes <out>/pairs/<name>.jsonl (one record per pair, in the eval data's order) and <out>/samples/<name>.jsonl,
-each completed by a manifest (<file>.manifest.json: size and sha256, the model's weights it came from) written
-last: a file whose manifest is missing or does not match is scored again, saying which.
+each completed by a manifest written last (<file>.manifest.json, by manifests.write_manifest: size and hash,
+and the model's weights and settings it came from): a file whose manifest is missing or does not match is
+scored again, saying which.
 """
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 import batches  # noqa: E402
 import evaluate  # noqa: E402
+import manifests  # noqa: E402
 import pair_layout  # noqa: E402
 import preference_datasets  # noqa: E402
 import run_config  # noqa: E402
@@ -44,14 +45,6 @@ REFERENCE = 'sft'
 # Files that a rerun may skip: verified against a manifest written last
 # --------------------------------------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(model_dir: str) -> Dict[str, List[int]]:
     """{weights file: [bytes, mtime in ns]} of a Hugging Face export: which weights a score came from."""
     return {name: [os.path.getsize(os.path.join(model_dir, name)), os.stat(os.path.join(model_dir, name)).st_mtime_ns]
@@ -59,30 +52,25 @@ def model_fingerprint(model_dir: str) -> Dict[str, List[int]]:
 
 
 def write_verified(path: str, lines: List[Dict], source: Dict):
-    """`lines` as JSON lines at `path` (atomically), then its manifest: size, sha256 and `source`."""
+    """`lines` as JSON lines at `path` (atomically), then its manifest (manifests.write_manifest, written last)
+    with the `source` it was computed from."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
         f.writelines(json.dumps(line) + '\n' for line in lines)
     os.replace(path + '.tmp', path)
-    manifest = {'bytes': os.path.getsize(path), 'sha256': _sha256(path), 'records': len(lines), 'source': source}
-    with open(path + '.manifest.json.tmp', 'w') as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(path + '.manifest.json.tmp', path + '.manifest.json')
+    manifests.write_manifest(path + '.manifest.json', [path], extra={'records': len(lines), 'source': source})
 
 
 def verified_problem(path: str, source: Dict) -> Optional[str]:
-    """None if `path` is complete and came from `source` (its manifest matches), else why not."""
+    """None if `path` is complete and came from `source` (its manifest verifies and names it), else why not."""
     if not os.path.exists(path):
         return 'missing'
-    try:
-        with open(path + '.manifest.json') as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return 'has no readable manifest (an interrupted write)'
-    if manifest.get('source') != source:
-        return 'was computed from other weights or settings'
-    if os.path.getsize(path) != manifest.get('bytes') or _sha256(path) != manifest.get('sha256'):
-        return f'is damaged ({os.path.getsize(path)} bytes, sha256 differs from its manifest)'
+    problem = manifests.manifest_problem(path + '.manifest.json')
+    if problem:
+        return f'is damaged ({problem})'
+    with open(path + '.manifest.json') as f:
+        if json.load(f).get('source') != source:
+            return 'was computed from other weights or settings'
     return None
 
 
