@@ -59,7 +59,10 @@ def manifest_problem(manifest_path: str) -> Optional[str]:
     base = os.path.dirname(os.path.abspath(manifest_path))
     try:
         with open(manifest_path) as f:
-            files = dict(json.load(f)['files'])
+            manifest = json.load(f)
+        if isinstance(manifest, dict) and 'files' not in manifest:
+            return f'{os.path.basename(manifest_path)} lists no files (written by an older version)'
+        files = dict(manifest['files'])
     except FileNotFoundError:
         return f'no {os.path.basename(manifest_path)} (an interrupted write, or written by an older version)'
     except (OSError, ValueError, KeyError, TypeError) as e:

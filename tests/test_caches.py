@@ -52,6 +52,22 @@ def test_manifest_names_a_truncated_a_corrupted_and_a_missing_file(tmp_path):
     assert manifests.manifest_problem(manifest).startswith('no entry.manifest.json')
 
 
+def test_extra_entries_are_kept_and_a_manifest_without_a_file_list_is_an_older_version(tmp_path):
+    """write_manifest's `extra` (the HH scores record the weights they came from) sits beside 'files'; a manifest
+    of the format hh_score.py wrote before (size and sha256 at the top, no file list) is named as older."""
+    data = tmp_path / 'dpo.jsonl'
+    data.write_text('{"a": 1}\n')
+    manifest = str(tmp_path / 'dpo.jsonl.manifest.json')
+    manifests.write_manifest(manifest, [str(data)], extra={'source': {'model': [1, 2]}, 'records': 1})
+    with open(manifest) as f:
+        written = json.load(f)
+    assert written['source'] == {'model': [1, 2]} and written['records'] == 1 and list(written['files']) == ['dpo.jsonl']
+    assert manifests.manifest_problem(manifest) is None
+    with open(manifest, 'w') as f:
+        json.dump({'bytes': 9, 'sha256': 'ab', 'records': 1, 'source': {}}, f)
+    assert manifests.manifest_problem(manifest) == 'dpo.jsonl.manifest.json lists no files (written by an older version)'
+
+
 def test_model_cache_rebuilds_a_truncated_or_corrupted_entry(tmp_path, capsys):
     model_config = compose_config(['model=tiny', 'exp_name=x']).model
     entry = model_loading.resolve_model_source(model_config, utils.get_local_dir([CACHE]))  # converted once, shared
