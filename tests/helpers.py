@@ -52,8 +52,9 @@ def torchrun_worker(script: str, work_dir, timeout: float):
                                       capture_output=True, text=True, timeout=timeout)
     proc = launch(work_dir)
     out = proc.stdout + proc.stderr
-    if proc.returncode != 0 and _root_cause_signal(out) is not None:
-        warnings.warn(f'{script}: a rank was ended by signal {-_root_cause_signal(out)}; launched once more:\n'
+    signal = _root_cause_signal(out) if proc.returncode != 0 else None
+    if signal is not None:
+        warnings.warn(f'{script}: a rank was ended by signal {-signal}; launched once more:\n'
                       f'{failure_report(out, tail=2000)}')
         again = os.path.join(work_dir, 'again')
         os.makedirs(again)
