@@ -24,7 +24,8 @@ TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--np
 # what a rank that died in native code leaves in the output: libstdc++'s terminate, glibc's heap checks,
 # faulthandler's stack (PYTHONFAULTHANDLER=1), and torchrun's summary naming the signal
 _NATIVE_CRASH_LINE = re.compile(r'terminate called|what\(\):|Fatal Python error|corrupted|double free|'
-                                r'^(Current )?[Tt]hread 0x|^  File "|Signal \d+ \(SIG\w+\) received|exitcode  : -')
+                                r'^(Current )?[Tt]hread 0x|Signal \d+ \(SIG\w+\) received|exitcode  : -')
+_FAULTHANDLER_HEADER = re.compile(r'^(Fatal Python error|(Current )?[Tt]hread 0x)')
 
 
 def _root_cause_signal(out: str):
@@ -37,7 +38,12 @@ def _root_cause_signal(out: str):
 def failure_report(out: str, tail: int = 6000) -> str:
     """What a failed launch printed, for an assertion message: the lines that say how a rank died natively
     (they come first and a tail alone loses them, as in one CI run), then the tail."""
-    crash = [line for line in out.splitlines() if _NATIVE_CRASH_LINE.search(line)][:60]
+    crash, in_stack = [], False
+    for line in out.splitlines():  # faulthandler's frames follow its header; a Python traceback's are not taken
+        in_stack = bool(_FAULTHANDLER_HEADER.match(line)) or (in_stack and line.startswith('  File "'))
+        if _NATIVE_CRASH_LINE.search(line) or in_stack:
+            crash.append(line)
+    crash = crash[:60]
     return ('\n'.join(crash) + '\n---- tail ----\n' if crash else '') + out[-tail:]
 
 
